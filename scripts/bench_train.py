@@ -5,10 +5,12 @@ kernels) and two peers, at one depth and micro-batch, one table printed last.
     python scripts/bench_train.py --depth 20 --variants baseline,mhc_fused --jobs 1
     python scripts/bench_train.py --device cpu --depth 1 --seq_len 32 --batch_size 2 \\
         --steps 2 --warmup 1 --no-compile                                        # smoke test
+    python scripts/bench_train.py --count_saved --depth 12     # activations kept for backward (CPU)
 
 Variants (--variants, comma-separated):
   baseline            GPT without mHC (nanochat/gpt.py)
   mhc_ref             + Dynamic mHC, n = 4, reference PyTorch (DynamicMHC.forward)
+  mhc_ref_einsum      the same with the stream arithmetic as einsums (the reference before issue 8)
   mhc_fused           + Dynamic mHC on the fused kernels (mhc_fused_kernels: sublayer boundaries fused)
   mhc_fused_sublayer  the fused kernels one sublayer at a time (the issue-7 path, for comparison)
   hf_gpt2             Hugging Face GPT2LMHeadModel of the same size (skipped without transformers)
@@ -23,6 +25,10 @@ its row; with --jobs 2 two variants compile at once while a lock keeps their tim
 Per variant: median ms per step over --steps timed steps after --warmup (CUDA events), tokens/s,
 MFU on the baseline model's FLOPs (so mHC's cost shows as lower MFU), peak memory of a step,
 compile time (first step - median step) and the step time relative to the baseline.
+
+--count_saved runs no step: it counts the bytes autograd keeps for backward in one step at the
+full size (bf16 autocast, eager autograd, fake activations: no compute, any machine, seconds), for
+the variants of this repository; the memory side of the fused kernels' recompute, without a GPU.
 """
 
 import argparse
@@ -45,7 +51,7 @@ import torch.nn.functional as F
 from nanochat.common import autodetect_device, git_commit, peak_flops
 from nanochat.gpt import GPT, GPTConfig, build_model, padded_vocab_size
 
-VARIANTS = ("baseline", "mhc_ref", "mhc_fused", "mhc_fused_sublayer", "hf_gpt2", "hc_mhc")
+VARIANTS = ("baseline", "mhc_ref", "mhc_ref_einsum", "mhc_fused", "mhc_fused_sublayer", "hf_gpt2", "hc_mhc")
 DEFAULT_VARIANTS = "baseline,mhc_ref,mhc_fused,hf_gpt2,hc_mhc"
 SKIPPED_EXIT = 3  # a worker exits with this when its library is missing
 MIN_START_S = 30  # a variant is not started with less time than this left before --deadline_s
@@ -72,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline_s", type=float, default=0.0,
                    help="> 0: the whole call's budget; variants that cannot start in time are skipped")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--count_saved", action="store_true",
+                   help="no timing: count activations kept for backward with fake tensors (CPU)")
     # internal: one variant in a worker process
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result_file", default=None, help=argparse.SUPPRESS)
@@ -147,9 +155,26 @@ class HyperConnectionsGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def use_einsum_stream_arithmetic():
+    """DynamicMHC's stream arithmetic as the einsums it used before issue 8 (bmm of B*T tiny
+    matrices; autocast rounds them to bf16), for an A/B against the broadcast form in one run."""
+    import nanochat.mhc as mhc
+
+    def collapse_streams(h_pre, x):
+        return torch.einsum("btn,btnc->btc", h_pre.to(x.dtype), x)
+
+    def residual_streams(x, h_res, h_post, y):
+        mixed = torch.einsum("btij,btjc->btic", h_res.to(x.dtype), x)
+        return mixed + h_post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+    mhc.collapse_streams, mhc.residual_streams = collapse_streams, residual_streams
+
+
 def build_variant(name: str, args, device) -> nn.Module:
     if name == "baseline":
         return build_model(model_config(args), device, seed=0)
+    if name == "mhc_ref_einsum":
+        use_einsum_stream_arithmetic()
+        return build_model(model_config(args, mhc_enabled=True), device, seed=0)
     if name in ("mhc_ref", "mhc_fused", "mhc_fused_sublayer"):
         if name == "mhc_fused_sublayer":
             from nanochat.kernels import mhc_stack
@@ -343,8 +368,9 @@ def format_table(rows) -> str:
     def fmt(r, key, spec, scale=1.0, unit=""):
         v = r.get(key)
         return "-" if v is None else format(v * scale, spec) + unit
-    lines = ["| variant | ms/step | tokens/s | MFU | vs baseline | peak GiB | memory vs baseline | compile s | status |",
-             "|" + "---|" * 9]
+    header = ["variant", "ms/step", "tokens/s", "MFU", "vs baseline", "peak GiB", "memory vs baseline",
+              "compile s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["variant"], fmt(r, "ms_per_step", ".1f"), fmt(r, "tokens_per_s", ",.0f"),
                  fmt(r, "mfu", ".1f", 100, "%"), fmt(r, "vs_baseline", ".3f", unit="x"),
@@ -352,6 +378,61 @@ def format_table(rows) -> str:
                  fmt(r, "compile_s", ".0f"), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def count_saved_gib(args, name) -> float:
+    """GiB of activations autograd keeps for backward in one step of this variant (parameters
+    real, activations fake; each storage counted once; parameters and buffers not counted)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from nanochat.kernels import mhc_ops, mhc_stack
+    previous = mhc_stack.FUSE_ACROSS_SUBLAYERS, dict(mhc_ops._AVAILABLE)
+    mhc_ops._AVAILABLE["cpu"] = True  # the fused path is chosen on CPU; fake tensors run no kernel
+    try:
+        if name == "mhc_fused_sublayer":
+            mhc_stack.FUSE_ACROSS_SUBLAYERS = False
+        model = build_variant(name.replace("_sublayer", ""), args, torch.device("cpu"))
+        owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        seen, total = set(), 0
+
+        def pack(t):
+            nonlocal total
+            storage = t.untyped_storage()
+            key = StorageWeakRef(storage).cdata
+            if key not in seen and (t.device.type == "meta" or hasattr(t, "fake_mode")
+                                    or storage.data_ptr() not in owned):
+                seen.add(key)
+                total += storage.nbytes()
+            return t
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            idx = torch.randint(0, model_config(args).vocab_size, (args.batch_size, args.seq_len))
+            with torch.autocast("cpu", dtype=torch.bfloat16), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(idx, idx)
+        return total / 2**30
+    finally:
+        mhc_stack.FUSE_ACROSS_SUBLAYERS = previous[0]
+        mhc_ops._AVAILABLE.clear()
+        mhc_ops._AVAILABLE.update(previous[1])
+
+
+def count_saved_main(args, variants):
+    ours = [v for v in variants if v in ("baseline", "mhc_ref", "mhc_fused", "mhc_fused_sublayer")]
+    rows = [dict(variant=v, saved_gib=count_saved_gib(args, v)) for v in ours]
+    base = next((r["saved_gib"] for r in rows if r["variant"] == "baseline"), None)
+    print(f"\nactivations kept for backward, d{args.depth}, {args.batch_size} x {args.seq_len} tokens, "
+          f"bf16 autocast, eager autograd (fake tensors)")
+    print("| variant | GiB | vs baseline |\n|---|---|---|")
+    for r in rows:
+        r["vs_baseline"] = r["saved_gib"] / base if base else None
+        ratio = f"{r['vs_baseline']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['saved_gib']:.2f} | {ratio} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(depth=args.depth, batch_size=args.batch_size,
+                                                   seq_len=args.seq_len, rows=rows), indent=2))
+    return rows
 
 
 def main(argv=None):
@@ -365,8 +446,10 @@ def main(argv=None):
     for name in ("steps", "batch_size", "seq_len", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1")
-    device_type = autodetect_device(args.device)
     model_config(args)  # a bad --depth / --seq_len fails here, before any worker starts
+    if args.count_saved:
+        return count_saved_main(args, variants)
+    device_type = autodetect_device(args.device)
     flops = baseline_flops_per_token(args)
     peak, device_name = peak_flops(device_type)
     tokens_per_step = args.batch_size * args.seq_len

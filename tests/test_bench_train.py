@@ -55,7 +55,7 @@ def test_table_last_and_json_fields(tmp_path):
 def test_a_variant_over_its_limit_costs_only_its_row(tmp_path):
     stdout, data = run(["--variants", "mhc_ref", "--timeout_s", "0.5"], tmp_path)
     [row] = data["rows"]
-    assert row["status"] == "timeout after 0 s" or row["status"].startswith("timeout after")
+    assert row["status"].startswith("timeout after")
     assert "| mhc_ref | - |" in stdout.strip().splitlines()[-1]
 
 
@@ -75,3 +75,15 @@ def test_bad_arguments_fail_before_any_work():
         bench.main([*TINY, "--variants", "baseline,nope"])
     with pytest.raises(ValueError, match="--steps 0"):
         bench.main([*TINY, "--steps", "0"])
+
+
+def test_count_saved_shows_the_recompute(tmp_path):
+    """--count_saved (fake tensors, no compute): the fused stack keeps less for backward than the
+    per-sublayer kernels, which keep less than the reference; all keep more than the baseline."""
+    bench = load_script()
+    rows = bench.main(["--count_saved", "--depth", "2", "--seq_len", "64", "--batch_size", "2",
+                       "--variants", "baseline,mhc_ref,mhc_fused_sublayer,mhc_fused",
+                       "--json", str(tmp_path / "saved.json")])
+    gib = {r["variant"]: r["saved_gib"] for r in rows}
+    assert gib["baseline"] < gib["mhc_fused"] < gib["mhc_fused_sublayer"] < gib["mhc_ref"]
+    assert json.loads((tmp_path / "saved.json").read_text())["rows"][0]["vs_baseline"] == 1.0

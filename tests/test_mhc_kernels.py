@@ -6,7 +6,10 @@ small shapes below still span several tiles with ragged tails, and every kernel 
 NaN (poisoned), so an element no kernel wrote fails the comparison. Inputs are drawn fresh each
 run; the seed is in every failure message.
 
-    pytest -q tests/test_mhc_kernels.py      # about 1 min on 2 CPU cores (interpreter), all 14
+The second half checks the whole fused stack (nanochat/kernels/mhc_stack.py: sublayer boundaries
+fused, mid-block streams recomputed in backward) in a tiny GPT against the reference model.
+
+    pytest -q tests/test_mhc_kernels.py      # about 2.5 min on 2 CPU cores (interpreter), all 26
     pytest -q -m "not slow" tests/test_mhc_kernels.py   # without the sm_90 compile check
 """
 
@@ -148,8 +151,8 @@ def test_fused_forward_matches_reference(n, C, B, T, iters, tau, sample_gate, dt
 
 def test_fused_forward_under_autocast_matches_reference(seed):
     """Training runs fp32 streams under bf16 autocast. Against an fp32 run, the fused path must be
-    as accurate as the reference under the same autocast (the bf16 rule above), and its output
-    more accurate: it keeps the stream update in fp32 where the reference's einsums round to bf16."""
+    as accurate as the reference under the same autocast (the bf16 rule above), output and every
+    gradient. (Both keep the stream update in fp32 now; the bf16 branch dominates both errors.)"""
     n, C, B, T = 4, 40, 2, 9
     module, branch = make_module(n, C, 8, 1.0, 0.5), Branch(C).to(DEVICE)
     x = torch.randn(B, T, n, C, device=DEVICE, requires_grad=True)
@@ -158,7 +161,8 @@ def test_fused_forward_under_autocast_matches_reference(seed):
         out_ref, grads_ref = run_forward_backward(reference_mhc_forward, module, branch, x, None)
         out, grads = run_forward_backward(fused_mhc_forward, module, branch, x, None)
     assert out.dtype == out_ref.dtype == torch.float32
-    assert rel_err(out, out32) < rel_err(out_ref, out32), f"seed {seed}"
+    err, err_ref = rel_err(out, out32), rel_err(out_ref, out32)
+    assert err < BF16_SUBLAYER_SLACK + BF16_SUBLAYER_FACTOR * err_ref, f"out: {err:.2e} vs {err_ref:.2e} (seed {seed})"
     for name in grads32:
         err, err_ref = rel_err(grads[name], grads32[name]), rel_err(grads_ref[name], grads32[name])
         bound = BF16_SUBLAYER_SLACK + BF16_SUBLAYER_FACTOR * err_ref
