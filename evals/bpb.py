@@ -21,9 +21,9 @@ DEFAULT_CORPUS = "enwiki"
 
 
 def corpus_of_checkpoint(meta: dict) -> str:
-    """The corpus the model was trained on (meta['args']['corpus'] of base_train), else enwiki."""
+    """The corpus the model was trained on (meta['args']['data'] of base_train), else enwiki."""
     args = meta.get("args") or {}
-    return args.get("corpus") or DEFAULT_CORPUS
+    return args.get("data") or DEFAULT_CORPUS
 
 
 def evaluate(model, tokenizer, device, corpus: str = DEFAULT_CORPUS, num_tokens: int = 2 ** 20,

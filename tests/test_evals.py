@@ -358,7 +358,7 @@ def test_bad_arguments_fail_before_any_work():
 def test_run_all_writes_json_markdown_and_per_item_files(tok, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_CACHE_DIR", str(tmp_path / "cache"))  # bpb's token shards
     ckpt = save_model_checkpoint(tmp_path / "run" / "final.pt", random_model(tok, mhc=True, seq_len=256), tok,
-                                 {"step": 12, "args": {"corpus": "tinyshakespeare"}})
+                                 {"step": 12, "args": {"data": "tinyshakespeare"}})
     out = tmp_path / "evals"
     payload, out_dir = run_all.main([
         "--ckpt", str(ckpt.parent), "--limit", "3", "--bpb_tokens", "2048", "--bpb_batch_size", "2",
