@@ -26,6 +26,7 @@ import torch
 
 from nanochat.checkpoint import bare_model
 from nanochat.gpt import KVCache
+from nanochat.mhc import bound_inductor_operator_str
 
 MODES = ("eager", "static", "cuda_graph")
 ADAPTIVE_MIN_SCALE = 0.1  # adaptive temperature never drops below 10% of the base temperature
@@ -381,6 +382,8 @@ class Engine:
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"model vocab_size={model.config.vocab_size} but tokenizer {tokenizer.name!r} has "
                              f"{tokenizer.vocab_size} tokens: load the tokenizer the model was trained with")
+        if compile:
+            bound_inductor_operator_str()  # else compiling the fused mHC stack can hang (torch 2.11)
         self.step_fn = torch.compile(_decode_step) if compile else _decode_step
         self._decoders = OrderedDict()
         self._busy = False

@@ -33,6 +33,53 @@ def _sinkhorn_log_iterations(logits: torch.Tensor, num_iters: int, tau: float) -
     return torch.exp(z)
 
 
+def describe_compile_arg(arg, depth: int = 0) -> str:
+    """A short, bounded description of one argument of an op that Inductor lowers: dtype and
+    size for tensors and IR nodes, values for plain data, a type name for anything else. It never
+    calls str() on an IR node (see bound_inductor_operator_str)."""
+    if isinstance(arg, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)):
+        return repr(arg)
+    if isinstance(arg, (list, tuple)) and depth < 2:
+        inner = ", ".join(describe_compile_arg(a, depth + 1) for a in arg[:8])
+        more = f", ... ({len(arg)} items)" if len(arg) > 8 else ""
+        return ("[" if isinstance(arg, list) else "(") + inner + more + ("]" if isinstance(arg, list) else ")")
+    if isinstance(arg, torch.Tensor):
+        return f"Tensor({arg.dtype}, {tuple(arg.shape)})"
+    try:  # Inductor IR (TensorBox, StorageBox, buffers): their own size and dtype, never their inputs
+        return f"{type(arg).__name__}({arg.get_dtype()}, {list(arg.get_size())})"
+    except Exception:
+        return type(arg).__name__
+
+
+def bound_inductor_operator_str():
+    """Keep torch.compile from hanging on the fused mHC stack (torch 2.11, seen on an H100 at d12).
+
+    Inductor lowers each custom op it has no lowering for as an "implicit fallback" and logs
+    `OperatorIssue.operator_str(target, args, kwargs)` for it; torch 2.11 builds that string
+    eagerly, whatever the log level, and str() of an IR argument prints the IR it was computed from,
+    recursively, without sharing: a tree that grows exponentially with depth. Our ops take inputs
+    from 24 sublayers back at d12, so compile spent minutes (timed out at 320 s) in that __str__.
+    Newer torch formats lazily (2.13's graph.py), but the message is still unbounded when logging
+    is on. This replaces the formatter with a bounded one (op name, argument dtypes and sizes);
+    only the text of that log line and of Inductor's missing-operator errors changes. Called by
+    every torch.compile site of the project (importing Inductor costs a second, so not at import)."""
+    try:
+        from torch._inductor import exc
+    except Exception:  # no inductor in this build: nothing to bound
+        return
+    if getattr(exc.OperatorIssue.operator_str, "_nanochat_bounded", False):
+        return
+
+    def operator_str(target, args, kwargs) -> str:
+        lines = [f"  target: {target}"] + [f"  args[{i}]: {describe_compile_arg(a)}" for i, a in enumerate(args)]
+        if kwargs:
+            lines.append(f"  kwargs: {describe_compile_arg(list(kwargs.items()))}")
+        return "\n".join(lines)
+    operator_str._nanochat_bounded = True
+    exc.OperatorIssue.operator_str = staticmethod(operator_str)
+
+
+
 @torch.library.custom_op("nanochat::sinkhorn", mutates_args=())
 def _sinkhorn_op(logits: torch.Tensor, num_iters: int, tau: float) -> torch.Tensor:
     with torch.autocast(device_type=logits.device.type, enabled=False):

@@ -46,7 +46,7 @@ from nanochat.common import (autodetect_device, cleanup_distributed, dist_info, 
                              peak_flops, resolve_data_dir, resolve_out_dir)
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.loss_eval import evaluate_bpb, evaluate_random_windows
-from nanochat.mhc import apply_mhc_preset
+from nanochat.mhc import apply_mhc_preset, bound_inductor_operator_str
 from nanochat.optim import build_optimizers, lr_multiplier, muon_momentum_at, set_learning_rates
 from nanochat.presets import PRESETS, apply_preset, preset_summary
 from nanochat.report import DummyLogger, MetricsLogger, mhc_diagnostics
@@ -703,6 +703,8 @@ def train(args, device, rank, *, world_size, tokenizer, data_dir, max_shards, co
         del ckpt
 
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    if compile_on:
+        bound_inductor_operator_str()  # else compiling the fused mHC stack can hang (torch 2.11)
     if compile_on and args.compile_scope == "blocks":
         for block in model.transformer.h:
             block.compile()  # in place: state_dict names stay those of the bare model

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from nanochat.common import autodetect_device, git_commit, peak_flops
 from nanochat.gpt import GPT, GPTConfig, build_model, padded_vocab_size
+from nanochat.mhc import bound_inductor_operator_str
 
 VARIANTS = ("baseline", "mhc_ref", "mhc_ref_einsum", "mhc_fused", "mhc_fused_sublayer", "hf_gpt2", "hc_mhc")
 DEFAULT_VARIANTS = "baseline,mhc_ref,mhc_fused,hf_gpt2,hc_mhc"
@@ -228,6 +229,8 @@ def run_worker(args) -> dict:
     vocab = model_config(args).vocab_size
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
     idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if compile_on:
+        bound_inductor_operator_str()  # else compiling the fused mHC stack can hang (torch 2.11)
     fwd = torch.compile(model) if compile_on else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 

@@ -6,7 +6,8 @@
 #   train_d12    scripts/bench_train.py at d12, 8 x 2048 tokens a micro-batch: baseline, mHC fused,
 #                mHC reference (broadcast and einsum stream arithmetic), HF GPT-2, hyper-connections
 #   train_d20    the same at d20, 4 x 2048 (two variants compile at once: both must fit one H100)
-#   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64
+#   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64,
+#                CUDA graphs with and without torch.compile
 #   (then, at once, none of them timed against another)
 #   loss_curve   scripts/loss_curve_check.py: d4 mHC, 300 steps, reference vs fused vs another seed
 #   kill_resume  scripts/kill_resume_test.py on the GPU: d6 mHC, bf16, torch.compile, SIGKILLs
@@ -105,14 +106,16 @@ fi
 if has decode; then
     say "decode"
     timeout 240 "$PYTHON" scripts/infer_bench.py --depth 12 --models baseline,mhc_fused --modes cuda_graph,compiled \
-        --mhc_modes cuda_graph --batch_sizes 1,64 --out "$R/infer_bench_d12.json" > "$R/infer_bench_d12.log" 2>&1
+        --mhc_modes cuda_graph,compiled --batch_sizes 1,64 --out "$R/infer_bench_d12.json" > "$R/infer_bench_d12.log" 2>&1
     tail -n 12 "$R/infer_bench_d12.log"
 fi
 
 pids=()
-if has loss_curve; then
+if has loss_curve; then  # base_train reads the GPT-2 table unpacked: unpack the carry as run_arm does
+    "$PYTHON" -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import run_arm; \
+run_arm.copy_data(Path(sys.argv[1]), Path(sys.argv[2]))" "$DATA_DIR" "$JOB/data"
     say "loss_curve (background)"
-    timeout 400 "$PYTHON" scripts/loss_curve_check.py --data_dir "$DATA_DIR" --out_dir "$JOB/loss_curve" \
+    timeout 400 "$PYTHON" scripts/loss_curve_check.py --data_dir "$JOB/data" --out_dir "$JOB/loss_curve" \
         --json "$R/loss_curve.json" > "$R/loss_curve.log" 2>&1 &
     pids+=($!)
 fi

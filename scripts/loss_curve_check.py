@@ -62,10 +62,12 @@ def train(args, name: str, seed: int, fused: bool) -> Path:
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     print(f"[loss_curve_check] {name}: {' '.join(cmd[1:])}", flush=True)
-    with open(Path(args.out_dir) / f"{name}.log", "w") as log:
+    log_path = Path(args.out_dir) / f"{name}.log"
+    with open(log_path, "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     if rc != 0:
-        raise SystemExit(f"error: the {name} run failed (exit {rc}); see {args.out_dir}/{name}.log")
+        last = "\n".join(log_path.read_text().splitlines()[-5:])
+        raise SystemExit(f"error: the {name} run failed (exit {rc}); the end of {log_path}:\n{last}")
     return run_dir / "metrics.jsonl"
 
 

@@ -199,3 +199,39 @@ def test_presets_apply_and_unknown_preset_is_a_clear_error():
 def test_prd_gate_starts_at_sigmoid_one():
     m = make_mhc(**prd_kwargs())
     assert math.isclose(m.gate_value(), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- torch.compile
+class DeepIR:
+    """Stands in for an Inductor IR node whose str() would print its whole producer tree."""
+
+    def __init__(self, producer=None):
+        self.producer = producer
+
+    def get_size(self):
+        return [8, 4, 48]
+
+    def get_dtype(self):
+        return torch.float32
+
+    def __str__(self):
+        raise AssertionError("str() of an IR argument is the exponential path that hung compile")
+
+
+def test_inductor_operator_str_is_bounded_and_never_prints_ir():
+    from torch._inductor import exc
+
+    from nanochat.mhc import bound_inductor_operator_str
+    bound_inductor_operator_str()
+    bound_inductor_operator_str()  # idempotent
+    deep = DeepIR()
+    for _ in range(40):
+        deep = DeepIR(deep)
+    args = [deep, [deep, None, 3], torch.zeros(2, 3, dtype=torch.bfloat16), 20, 1.0, True, object()]
+    text = exc.OperatorIssue.operator_str("nanochat::mhc_boundary", args, {"num_iters": 20})
+    assert "target: nanochat::mhc_boundary" in text
+    assert "args[0]: DeepIR(torch.float32, [8, 4, 48])" in text
+    assert "args[1]: [DeepIR(torch.float32, [8, 4, 48]), None, 3]" in text
+    assert "Tensor(torch.bfloat16, (2, 3))" in text and "args[6]: object" in text and "num_iters" in text
+    # Inductor's own missing-operator error builds its message with the same function
+    assert "DeepIR(torch.float32" in str(exc.MissingOperatorWithoutDecomp("nanochat::x", [deep], {}))
