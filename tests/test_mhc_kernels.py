@@ -548,3 +548,37 @@ def test_static_decode_with_fused_kernels_matches_reference(seed):
     ref = Engine(model, tok, mode="static").generate(prompts, **kw)
     out = Engine(twin, tok, mode="static").generate(prompts, **kw)
     assert [r.tokens for r in out] == [r.tokens for r in ref]
+
+
+INDUCTOR_COMPILE_SCRIPT = """
+import logging, os, sys, time
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+logging.getLogger("torch._inductor.graph").setLevel(logging.INFO)
+from nanochat.kernels import mhc_ops
+mhc_ops._AVAILABLE["cpu"] = True
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.mhc import bound_inductor_operator_str
+bound_inductor_operator_str()
+cfg = GPTConfig.from_depth(12, n_embd=48, n_head=2, vocab_size=97, sequence_len=32, mhc_enabled=True,
+                           mhc_sinkhorn_iters=6, mhc_fused_kernels=True)
+model = build_model(cfg, torch.device("cpu"), seed=0)
+idx = torch.randint(0, 97, (2, 13))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    loss = torch.compile(model)(idx, idx)
+print("compiled", loss.item())
+"""
+
+
+@pytest.mark.slow
+def test_fused_d12_model_compiles_with_inductor():
+    """The hang of 2026-12-06 (docs/kernels.md): Inductor's fallback log line printed each custom
+    op's IR arguments with their whole producer tree. A d12 fused model with that log line on
+    (TORCH_LOGS=inductor; torch 2.11 built it at any level) ran > 300 s on this CPU before the fix
+    and compiles its forward in about 15 s with it. The limit here is generous; the failure is a
+    hang."""
+    env = {**os.environ, "TORCH_LOGS": "inductor"}
+    result = subprocess.run([sys.executable, "-c", INDUCTOR_COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled" in result.stdout
