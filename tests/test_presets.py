@@ -1,7 +1,6 @@
 """--preset in scripts/base_train.py (issue 11): preset values as defaults, explicit flags win, clear
 errors, seed 002's random-window val_loss, early_stop_after, MoE logging, scaled-run notes."""
 
-import importlib.util
 import math
 
 import pytest
@@ -9,47 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.checkpoint import load_checkpoint
-from nanochat.common import REPO_ROOT
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.loss_eval import evaluate_random_windows
 from nanochat.presets import PRESETS, apply_preset, preset_config
 from nanochat.report import read_metrics
 
-SCRIPT = REPO_ROOT / "scripts" / "base_train.py"
-# a dense model small enough for a few CPU steps in a test
-TINY = ["--depth", "2", "--n_embd", "64", "--max_seq_len", "32", "--device_batch_size", "2", "--total_batch_size", "128",
-        "--data", "tinyshakespeare", "--tokenizer", "char", "--eval_tokens", "256", "--eval_every", "2",
-        "--sample_every", "-1", "--device", "cpu", "--log_every", "1"]
+from base_train_helpers import load_base_train, one_thread, tiny_flags, token_cache  # noqa: F401
+
+TINY = tiny_flags()  # a dense model small enough for a few CPU steps in a test
 # a preset shrunk by explicit flags: everything else (MoE, norms, lrs, eval_iters, ...) is the preset's
 SHRINK = ["--n_embd", "32", "--n_head", "2", "--n_kv_head", "2", "--max_seq_len", "32", "--device_batch_size", "2",
           "--total_batch_size", "64", "--eval_tokens", "64", "--eval_iters", "3", "--eval_every", "1",
           "--sample_every", "-1", "--device", "cpu"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("base_train_script_presets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base_train = load_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "token_cache"
-    monkeypatch.setenv("NANOCHAT_CACHE_DIR", str(cache))
-    return cache
+base_train = load_base_train()
 
 
 def evals(run_dir) -> list[dict]:

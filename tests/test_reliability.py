@@ -3,7 +3,6 @@ preemption signals, NaN/Inf steps, full disks and failed saves, the SLURM requeu
 catalogue and the over-long prompts are in tests/test_bad_inputs.py."""
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -24,37 +23,14 @@ from nanochat.optim import build_optimizers
 from nanochat.report import read_metrics
 from nanochat.tokenizer import get_tokenizer
 
-BASE_TRAIN = REPO_ROOT / "scripts" / "base_train.py"
+from base_train_helpers import BASE_TRAIN, load_base_train, one_thread, tiny_flags, token_cache  # noqa: F401
+
 HARNESS = REPO_ROOT / "scripts" / "kill_resume_test.py"
 SBATCH = REPO_ROOT / "runs" / "slurm_multinode.sbatch"
-TINY = ["--depth", "2", "--n_embd", "64", "--max_seq_len", "32", "--device_batch_size", "2", "--total_batch_size", "64",
-        "--data", "tinyshakespeare", "--tokenizer", "char", "--eval_tokens", "256", "--eval_every", "0",
-        "--sample_every", "-1", "--device", "cpu", "--log_every", "1"]
-
-
-def load_base_train():
-    spec = importlib.util.spec_from_file_location("base_train_reliability", BASE_TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY = tiny_flags(total_batch_size=64, eval_every=0)
 
 
 base_train = load_base_train()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "token_cache"
-    monkeypatch.setenv("NANOCHAT_CACHE_DIR", str(cache))
-    return cache
 
 
 def train(run_dir, *extra):

@@ -1,6 +1,5 @@
 """scripts/base_train.py end to end on CPU: exact resume, early stopping, bad input, DDP (gloo), bpb."""
 
-import importlib.util
 import math
 import os
 import shutil
@@ -11,43 +10,16 @@ import pytest
 import torch
 
 from nanochat.checkpoint import load_checkpoint
-from nanochat.common import REPO_ROOT
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import read_metrics
 from nanochat.tokenizer import get_tokenizer
 
-SCRIPT = REPO_ROOT / "scripts" / "base_train.py"
-TINY = ["--depth", "2", "--n_embd", "64", "--max_seq_len", "32", "--device_batch_size", "2", "--total_batch_size", "128",
-        "--data", "tinyshakespeare", "--tokenizer", "char", "--eval_tokens", "256", "--eval_every", "2",
-        "--sample_every", "-1", "--device", "cpu", "--log_every", "1"]
+from base_train_helpers import BASE_TRAIN, load_base_train, one_thread, tiny_flags, token_cache  # noqa: F401
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("base_train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base_train = load_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box run several times faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path_factory, monkeypatch):
-    """One tokenized copy of the corpus for the whole session, outside the repository."""
-    cache = tmp_path_factory.getbasetemp() / "token_cache"
-    monkeypatch.setenv("NANOCHAT_CACHE_DIR", str(cache))
-    return cache
+SCRIPT = BASE_TRAIN
+TINY = tiny_flags()
+base_train = load_base_train()
 
 
 def train(out_dir, *extra):
