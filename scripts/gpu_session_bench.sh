@@ -91,15 +91,15 @@ say() { echo "[$(date -u +%H:%M:%S)] $*"; }
 say "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1); commit ${NANOCHAT_COMMIT:-unknown}"
 if has train_d12; then
     say "train_d12"
-    timeout 340 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 320 \
-        --variants baseline,mhc_fused,mhc_ref,mhc_ref_einsum,hf_gpt2,hc_mhc --json "$R/bench_train_d12.json" \
+    timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 \
+        --variants baseline,mhc_fused,hf_gpt2,hc_mhc,mhc_ref,mhc_ref_einsum --json "$R/bench_train_d12.json" \
         > "$R/bench_train_d12.log" 2>&1
     tail -n 12 "$R/bench_train_d12.log"
 fi
 if has train_d20; then
     say "train_d20"
-    timeout 340 "$PYTHON" scripts/bench_train.py --depth 20 --batch_size 4 --jobs 2 --deadline_s 320 \
-        --variants baseline,mhc_fused,mhc_ref,hf_gpt2,hc_mhc --json "$R/bench_train_d20.json" \
+    timeout 380 "$PYTHON" scripts/bench_train.py --depth 20 --batch_size 4 --jobs 2 --deadline_s 360 \
+        --variants baseline,mhc_fused,hf_gpt2,hc_mhc,mhc_ref --json "$R/bench_train_d20.json" \
         > "$R/bench_train_d20.log" 2>&1
     tail -n 10 "$R/bench_train_d20.log"
 fi
