@@ -114,7 +114,7 @@ class Run:
     """One start of base_train: a process group (exec) or a forked child (fork)."""
 
     def __init__(self, args, flags: list[str], log_path: Path):
-        self.launch, self.t0, self.torchrun = args.launch, time.time(), args.nproc > 1
+        self.launch, self.t0, self.torchrun, self.nproc = args.launch, time.time(), args.nproc > 1, args.nproc
         self.returncode, self.workers = None, []
         if args.launch == "fork":
             self.pid = fork_base_train(flags, log_path)
@@ -150,12 +150,14 @@ class Run:
         if not self.torchrun:
             return [self.pid]
         while self.poll() is None and time.time() < deadline:
-            # torchrun starts each worker in a session of its own: remember them, to clean up
-            self.workers = sorted(set(self.workers) | set(children(self.pid)))
-            if self.workers:
-                return self.workers
+            # torchrun starts each worker in a session of its own: remember them, to clean up. Wait
+            # for all of them, and only base_train's ranks (not a short-lived helper torchrun runs)
+            ranks = [pid for pid in children(self.pid) if "base_train.py" in cmdline(pid)]
+            self.workers = sorted(set(self.workers) | set(ranks))
+            if len(ranks) >= self.nproc:
+                return ranks
             time.sleep(0.01)
-        return self.workers
+        return [pid for pid in self.workers if alive(pid)]
 
     def kill_all(self):
         """SIGKILL to the whole run (torchrun's workers are outside its process group)."""
@@ -332,10 +334,18 @@ def one_kill(args, run_dir: Path, log_path: Path, rng: random.Random, timing: di
         record.update(ended_by_itself=run.returncode)
         return record
     victims = run.victims(deadline)
-    victim = rng.choice(victims)
+    victim = rng.choice(victims) if victims else None
     writing = temp_files(run_dir)
     t_kill = time.time()
-    os.kill(victim, signal.SIGKILL)
+    try:
+        if victim is None:
+            raise ProcessLookupError
+        os.kill(victim, signal.SIGKILL)
+    except ProcessLookupError:  # the run ended between the checks above and the kill: no kill happened
+        record.update(ended_by_itself=run.wait(args.teardown_timeout_s), victim_gone=victim)
+        if run.returncode is None:
+            run.kill_all()
+        return record
     code = run.wait(args.teardown_timeout_s)
     survivors = [pid for pid in victims if alive(pid)]
     record.update(victim=victim, ranks=len(victims), writing_at_kill=writing, exit_code=code,
