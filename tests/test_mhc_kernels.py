@@ -17,6 +17,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -582,3 +583,18 @@ def test_fused_d12_model_compiles_with_inductor():
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled" in result.stdout
+
+
+def test_tuner_measures_candidates_and_flags_a_broken_tile(monkeypatch):
+    """scripts/tune_mhc_kernels.py (on the CPU: interpreter, no timing): every candidate runs against
+    the current tiles; one that cannot compile is reported as an error, never as the best."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import tune_mhc_kernels
+    grid = dict(BLOCK_T=[16, 3], BLOCK_C=[16], BLOCKS_PER_SPLIT=[2], num_warps=[4], num_stages=[2])
+    monkeypatch.setitem(tune_mhc_kernels.CANDIDATES, "boundary_bwd_cols", grid)
+    report = tune_mhc_kernels.main(["--device", DEVICE, "--width", "32", "--tokens", "40",
+                                    "--kernels", "boundary_bwd_cols"])
+    rows = report["kernels"]["boundary_bwd_cols"]
+    assert len(rows) == 3 and rows[0]["config"] == mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"]
+    assert rows[0]["rel_diff"] == 0 and rows[1]["ok"] and rows[1]["rel_diff"] < 1e-5
+    assert not rows[2]["ok"] and "error" in rows[2]
