@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline_s", type=float, default=0.0,
                    help="> 0: the whole call's budget; variants that cannot start in time are skipped")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", type=int, default=0,
+                   help="> 0: also profile this many steps per variant and print the top kernels")
     p.add_argument("--count_saved", action="store_true",
                    help="no timing: count activations kept for backward with fake tensors (CPU)")
     # internal: one variant in a worker process
@@ -271,12 +273,40 @@ def run_worker(args) -> dict:
                 step()
                 times_ms.append(1e3 * (time.perf_counter() - t))
             peak = None
+        profile = profile_steps(step, sync, args.profile, cuda) if args.profile > 0 else None
     median_ms = statistics.median(times_ms)
-    return dict(variant=args.worker, status="ok", ms_per_step=median_ms,
+    return dict(variant=args.worker, status="ok", ms_per_step=median_ms, profile=profile,
                 ms_p20=sorted(times_ms)[len(times_ms) // 5], ms_p80=sorted(times_ms)[(4 * len(times_ms)) // 5],
                 first_step_s=first_s, compile_s=max(0.0, first_s - median_ms / 1e3) if compile_on else None,
                 peak_gib=None if peak is None else peak / 2**30, loss=float(loss.detach()),
                 params=sum(p.numel() for p in model.parameters()), compile=compile_on)
+
+
+def profile_steps(step, sync, steps: int, cuda: bool, top: int = 12) -> list[dict]:
+    """The kernels (CUDA) or ops (CPU) that take the most time over `steps` steps: name, ms per
+    step, share of the total, calls per step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events) or 1.0
+    events.sort(key=own, reverse=True)
+    return [dict(name=e.key[:90], ms_per_step=own(e) / 1e3 / steps, share=own(e) / total, calls_per_step=e.count / steps)
+            for e in events[:top]]
+
+
+def format_profiles(rows) -> str:
+    lines = []
+    for r in rows:
+        if r.get("profile"):
+            lines += ["", f"{r['variant']}: where a step's time goes (torch.profiler, self time)",
+                      "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
+            lines += [f"| {k['name']} | {k['ms_per_step']:.2f} | {100 * k['share']:.1f}% | {k['calls_per_step']:g} |"
+                      for k in r["profile"]]
+    return "\n".join(lines)
 
 
 def worker_main(args):
@@ -293,7 +323,8 @@ def worker_main(args):
 def worker_command(args, name, result_file, lock) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--result_file", result_file,
            "--depth", str(args.depth), "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--profile", str(args.profile)]
     if args.compile is not None:
         cmd.append("--compile" if args.compile else "--no-compile")
     if lock:
@@ -468,6 +499,9 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    profiles = format_profiles(rows)
+    if profiles:
+        print(profiles)  # before the table, which stays the last thing printed
     print(f"\n{device_name}, torch {torch.__version__}, commit {meta['commit']}, {meta['date']}: d{args.depth}, "
           f"{args.batch_size} x {args.seq_len} tokens per step, median of {args.steps} steps after "
           f"{args.warmup}; MFU on {flops / 1e6:.1f} MFLOP/token (the baseline's)")

@@ -87,3 +87,12 @@ def test_count_saved_shows_the_recompute(tmp_path):
     gib = {r["variant"]: r["saved_gib"] for r in rows}
     assert gib["baseline"] < gib["mhc_fused"] < gib["mhc_fused_sublayer"] < gib["mhc_ref"]
     assert json.loads((tmp_path / "saved.json").read_text())["rows"][0]["vs_baseline"] == 1.0
+
+
+def test_profile_lists_the_top_ops_before_the_table(tmp_path):
+    stdout, data = run(["--variants", "baseline", "--profile", "1"], tmp_path)
+    profile = data["rows"][0]["profile"]
+    assert 0 < len(profile) <= 12 and all(k["ms_per_step"] > 0 and 0 < k["share"] <= 1 for k in profile)
+    assert [k["ms_per_step"] for k in profile] == sorted((k["ms_per_step"] for k in profile), reverse=True)
+    assert "baseline: where a step's time goes" in stdout
+    assert stdout.strip().splitlines()[-1].startswith("| baseline |")  # the table is still last
