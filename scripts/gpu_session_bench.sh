@@ -3,6 +3,8 @@
 # calls start and poll (a call lasts at most 10 minutes; the job outlives it, the machine does not
 # outlive 30 s of idleness, so poll at once after each call returns). Phases, in this order:
 #
+#   tune         scripts/tune_mhc_kernels.py at d12 shapes; the fastest correct tiles then apply to
+#                every later phase (NANOCHAT_KERNEL_CONFIGS=results/tiles_d12.json)
 #   train_d12    scripts/bench_train.py at d12, 8 x 2048 tokens a micro-batch: baseline, mHC fused,
 #                mHC reference (broadcast and einsum stream arithmetic), HF GPT-2, hyper-connections
 #   train_d20    the same at d20, 4 x 2048 (two variants compile at once: both must fit one H100)
@@ -13,21 +15,21 @@
 #   kill_resume  scripts/kill_resume_test.py on the GPU: d6 mHC, bf16, torch.compile, SIGKILLs
 #   minigpt      the MiniGPT check of docs/benchmarks.md: both seed-002 presets and modern + mHC
 #
-#   bash scripts/gpu_session_bench.sh start [--phases train_d12,decode] [--data_dir .carry/exp]
+#   bash scripts/gpu_session_bench.sh start [--phases tune,train_d12,decode] [--data_dir .carry/exp]
 #   bash scripts/gpu_session_bench.sh poll 560      # waits up to 560 s; copies results to $OUT
 #   bash scripts/gpu_session_bench.sh run ...       # the same job in the foreground
 #
 # Data (git-ignored, carried): .carry/exp (enwiki shards + GPT-2 table: scripts/arm_tools.py
 # prepare-carry), .carry/data/tinyshakespeare/input.txt, and in .whl the hyper-connections and
-# torch-einops-utils wheels (docs/benchmarks.md). Results: $JOB/results/*.json, *.md and the
-# logs (poll packs them into $OUT/gpu_session_results.tar.gz); poll prints the job log, with the
+# torch-einops-utils wheels (docs/kernels.md says how to make all three). Results:
+# $JOB/results/*.json, *.md and the logs (poll packs them into $OUT/gpu_session_results.tar.gz); poll prints the job log, with the
 # table of each phase as it ends.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 JOB="${GPU_JOB_DIR:-/tmp/nanochat_gpu_job}"
 ACTION="${1:-}"; shift || true
-PHASES="train_d12,train_d20,decode,loss_curve,kill_resume,minigpt"
+PHASES="tune,train_d12,train_d20,decode,loss_curve"  # also: kill_resume, minigpt
 DATA_DIR=.carry/exp
 CHAR_DATA_DIR=.carry/data
 WAIT_S=560
@@ -89,12 +91,19 @@ has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 say() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
 say "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1); commit ${NANOCHAT_COMMIT:-unknown}"
+if has tune; then
+    say "tune"
+    timeout 300 "$PYTHON" scripts/tune_mhc_kernels.py --json "$R/tune_d12.json" --write_best "$R/tiles_d12.json" \
+        > "$R/tune_d12.log" 2>&1
+    grep -E "^best|configurations" "$R/tune_d12.log"
+    if [ -s "$R/tiles_d12.json" ]; then export NANOCHAT_KERNEL_CONFIGS="$R/tiles_d12.json"; fi
+fi
 if has train_d12; then
     say "train_d12"
-    timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 \
+    timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 --profile 3 \
         --variants baseline,mhc_fused,hf_gpt2,hc_mhc,mhc_ref,mhc_ref_einsum --json "$R/bench_train_d12.json" \
         > "$R/bench_train_d12.log" 2>&1
-    tail -n 12 "$R/bench_train_d12.log"
+    tail -n 40 "$R/bench_train_d12.log"
 fi
 if has train_d20; then
     say "train_d20"

@@ -5,7 +5,8 @@ the median time of its launcher (triton.testing.do_bench) and its largest relati
 the current configuration's outputs (a tile changes only the summation order: a candidate that
 differs by more than --tolerance is marked wrong, never chosen). Prints one table per kernel,
 fastest first, and the best configuration as a KERNEL_CONFIGS line for
-nanochat/kernels/mhc_triton.py; --json writes everything.
+nanochat/kernels/mhc_triton.py; --json writes everything; --write_best writes the best tiles as a
+file that NANOCHAT_KERNEL_CONFIGS=FILE applies to every later run without editing the code.
 
     python scripts/tune_mhc_kernels.py                        # d12 shapes: 8 x 2048 tokens, C 768
     python scripts/tune_mhc_kernels.py --width 1280 --tokens 8192
@@ -33,6 +34,8 @@ def build_parser():
     p.add_argument("--tolerance", type=float, default=2e-3, help="largest relative difference allowed")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--json", default=None)
+    p.add_argument("--write_best", default=None,
+                   help="write the fastest correct tiles per kernel here, for NANOCHAT_KERNEL_CONFIGS")
     return p
 
 
@@ -132,7 +135,16 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.write_best:
+        best = {name: fastest_correct(rows)["config"] for name, rows in report["kernels"].items()
+                if fastest_correct(rows)}
+        Path(args.write_best).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_best).write_text(json.dumps(best, indent=2) + "\n")
     return report
+
+
+def fastest_correct(rows: list[dict]) -> dict | None:
+    return min((r for r in rows if r["ok"] and r["ms"] is not None), key=lambda r: r["ms"], default=None)
 
 
 def print_table(name: str, rows: list[dict]):
@@ -145,7 +157,7 @@ def print_table(name: str, rows: list[dict]):
         diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}"
         status = r.get("error") or ("ok" if r["ok"] else "DIFFERS")
         print(f"| {r['config']} | {ms} | {diff} | {status} |")
-    best = next((r for r in timed if r["ok"]), None)
+    best = fastest_correct(rows)
     if best:
         print(f'best: "{name}": dict({", ".join(f"{k}={v}" for k, v in best["config"].items())}),  '
               f"# {best['ms']:.4f} ms")

@@ -14,6 +14,7 @@ fused, mid-block streams recomputed in backward) in a tiny GPT against the refer
 """
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -598,3 +599,18 @@ def test_tuner_measures_candidates_and_flags_a_broken_tile(monkeypatch):
     assert len(rows) == 3 and rows[0]["config"] == mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"]
     assert rows[0]["rel_diff"] == 0 and rows[1]["ok"] and rows[1]["rel_diff"] < 1e-5
     assert not rows[2]["ok"] and "error" in rows[2]
+
+
+def test_tuned_kernel_configs_file_is_checked(tmp_path):
+    good = dict(mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"], BLOCKS_PER_SPLIT=16)
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"boundary_bwd_cols": good}))
+    assert mhc_triton.load_kernel_configs(str(path)) == {"boundary_bwd_cols": good}
+    path.write_text(json.dumps({"boundary_bwd_cols": {"BLOCK_T": 16}}))
+    with pytest.raises(ValueError, match="exactly the keys"):
+        mhc_triton.load_kernel_configs(str(path))
+    path.write_text(json.dumps({"no_such_kernel": good}))
+    with pytest.raises(ValueError, match="must be one of"):
+        mhc_triton.load_kernel_configs(str(path))
+    with pytest.raises(ValueError, match="unset it to use the default tiles"):
+        mhc_triton.load_kernel_configs(str(tmp_path / "missing.json"))

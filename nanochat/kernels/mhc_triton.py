@@ -15,6 +15,7 @@ Set TRITON_INTERPRET=1 before the first import to run the kernels on CPU tensors
 """
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -42,6 +43,27 @@ KERNEL_CONFIGS = {
     "boundary_bwd_rows": dict(BLOCK_T=16, BLOCK_C=32, num_warps=4),
     "boundary_bwd_cols": dict(BLOCK_T=16, BLOCK_C=32, BLOCKS_PER_SPLIT=64, num_warps=8, num_stages=2),
 }
+
+
+
+def load_kernel_configs(path: str) -> dict:
+    """Tile sizes from a JSON file ({kernel: {BLOCK_T: .., num_warps: .., ...}}, as written by
+    scripts/tune_mhc_kernels.py --write_best) over the defaults above; checked before any kernel runs."""
+    import json
+    try:
+        tuned = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"NANOCHAT_KERNEL_CONFIGS={path}: cannot read it as JSON ({e}); unset it to use "
+                         f"the default tiles") from None
+    for name, cfg in tuned.items():
+        if name not in KERNEL_CONFIGS or not isinstance(cfg, dict) or set(cfg) != set(KERNEL_CONFIGS[name]):
+            raise ValueError(f"NANOCHAT_KERNEL_CONFIGS={path}: entry {name!r} must be one of "
+                             f"{sorted(KERNEL_CONFIGS)} with exactly the keys {sorted(KERNEL_CONFIGS.get(name, {}))}")
+    return tuned
+
+
+if os.environ.get("NANOCHAT_KERNEL_CONFIGS"):  # tiles tuned on this GPU (docs/kernels.md)
+    KERNEL_CONFIGS.update(load_kernel_configs(os.environ["NANOCHAT_KERNEL_CONFIGS"]))
 
 _POISON = False  # when True, outputs start as NaN so an element no kernel wrote cannot pass a test
 
