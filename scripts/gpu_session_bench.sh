@@ -22,8 +22,8 @@
 # Data (git-ignored, carried): .carry/exp (enwiki shards + GPT-2 table: scripts/arm_tools.py
 # prepare-carry), .carry/data/tinyshakespeare/input.txt, and in .whl the hyper-connections and
 # torch-einops-utils wheels (docs/kernels.md says how to make all three). Results:
-# $JOB/results/*.json, *.md and the logs (poll packs them into $OUT/gpu_session_results.tar.gz); poll prints the job log, with the
-# table of each phase as it ends.
+# $JOB/results/*.json, *.md and the logs (poll packs them into $OUT/gpu_session_results.tar.gz);
+# poll prints the job log, with the table of each phase as it ends.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
