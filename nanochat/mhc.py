@@ -57,8 +57,9 @@ def bound_inductor_operator_str():
     Inductor lowers each custom op it has no lowering for as an "implicit fallback" and logs
     `OperatorIssue.operator_str(target, args, kwargs)` for it; torch 2.11 builds that string
     eagerly, whatever the log level, and str() of an IR argument prints the IR it was computed from,
-    recursively, without sharing: a tree that grows exponentially with depth. Our ops take inputs
-    from 24 sublayers back at d12, so compile spent minutes (timed out at 320 s) in that __str__.
+    recursively, without sharing: a tree that grows exponentially with depth. The fused stack's
+    final op (mhc_collapse) is first met at the end of the graph, its arguments computed through
+    all 24 sublayers of d12, so compile spent minutes (timed out at 320 s) in that __str__.
     Newer torch formats lazily (2.13's graph.py), but the message is still unbounded when logging
     is on. This replaces the formatter with a bounded one (op name, argument dtypes and sizes);
     only the text of that log line and of Inductor's missing-operator errors changes. Called by
@@ -77,7 +78,6 @@ def bound_inductor_operator_str():
         return "\n".join(lines)
     operator_str._nanochat_bounded = True
     exc.OperatorIssue.operator_str = staticmethod(operator_str)
-
 
 
 @torch.library.custom_op("nanochat::sinkhorn", mutates_args=())
