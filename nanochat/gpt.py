@@ -61,6 +61,9 @@ class GPTConfig:
     mhc_gate_noise: float = 0.0  # training only: g *= U[1-a, 1+a], then clamped to [0, 1]
     mhc_stream_embed_std: float = 0.1
     mhc_fused_kernels: bool = False  # Triton kernels for the mHC bookkeeping (docs/kernels.md)
+    # 'bfloat16': under autocast the n streams are kept in bf16 (half the bytes the mHC ops move;
+    # each residual update rounds to bf16); 'float32': the activations' dtype, as the baseline's residual
+    mhc_stream_dtype: str = "float32"
     # Block and embedding options (docs/presets.md); the defaults are the nanochat model above.
     mlp_activation: str = "relu2"  # 'relu2' | 'relu' | 'gelu' | 'swiglu' (hidden = mlp_ratio * n_embd)
     norm_type: str = "rms"  # 'rms' (parameter-free) | 'layernorm' (learnable weight and bias)
@@ -132,6 +135,8 @@ class GPTConfig:
         need(0.0 <= self.mhc_gate_init <= 1.0,
              f"mhc_gate_init={self.mhc_gate_init} must be in [0, 1]: it is a gate value, not a logit")
         need(0.0 <= self.mhc_gate_noise < 1.0, f"mhc_gate_noise={self.mhc_gate_noise} must be in [0, 1)")
+        need(self.mhc_stream_dtype in ("float32", "bfloat16"),
+             f"mhc_stream_dtype={self.mhc_stream_dtype!r} must be 'float32' or 'bfloat16'")
         need(self.mhc_pre_init in ("cycle", "uniform", "first"),
              f"mhc_pre_init={self.mhc_pre_init!r} must be 'cycle', 'uniform' or 'first'")
         need(self.mlp_activation in ACTIVATIONS,
@@ -520,6 +525,8 @@ class GPT(nn.Module):
         gate_cols = None
         if self.config.mhc_enabled:
             x = x.unsqueeze(-2) + self.stream_embed.to(x.dtype)  # expand: [B, T, n, C]
+            if self.config.mhc_stream_dtype == "bfloat16" and torch.is_autocast_enabled(idx.device.type):
+                x = x.to(torch.bfloat16)  # only under autocast: the branches' fp32 weights need it
             if mhc_gates is not None:
                 gate_cols = self.expand_mhc_gates(mhc_gates)
         elif mhc_gates is not None:

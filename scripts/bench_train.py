@@ -13,6 +13,7 @@ Variants (--variants, comma-separated):
   mhc_ref_einsum      the same with the stream arithmetic as einsums (the reference before issue 8)
   mhc_fused           + Dynamic mHC on the fused kernels (mhc_fused_kernels: sublayer boundaries fused)
   mhc_fused_sublayer  the fused kernels one sublayer at a time (the issue-7 path, for comparison)
+  mhc_fused_bf16      mhc_fused with the streams in bf16 (mhc_stream_dtype): half the stream bytes
   hf_gpt2             Hugging Face GPT2LMHeadModel of the same size (skipped without transformers)
   hc_mhc              lucidrains' hyper-connections mHCv2 (4 streams, its Triton Sinkhorn on CUDA)
                       around this GPT's blocks (skipped without hyper_connections)
@@ -52,7 +53,8 @@ from nanochat.common import autodetect_device, git_commit, peak_flops
 from nanochat.gpt import GPT, GPTConfig, build_model, padded_vocab_size
 from nanochat.mhc import bound_inductor_operator_str
 
-VARIANTS = ("baseline", "mhc_ref", "mhc_ref_einsum", "mhc_fused", "mhc_fused_sublayer", "hf_gpt2", "hc_mhc")
+VARIANTS = ("baseline", "mhc_ref", "mhc_ref_einsum", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16",
+            "hf_gpt2", "hc_mhc")
 DEFAULT_VARIANTS = "baseline,mhc_ref,mhc_fused,hf_gpt2,hc_mhc"
 SKIPPED_EXIT = 3  # a worker exits with this when its library is missing
 MIN_START_S = 30  # a variant is not started with less time than this left before --deadline_s
@@ -178,11 +180,12 @@ def build_variant(name: str, args, device) -> nn.Module:
     if name == "mhc_ref_einsum":
         use_einsum_stream_arithmetic()
         return build_model(model_config(args, mhc_enabled=True), device, seed=0)
-    if name in ("mhc_ref", "mhc_fused", "mhc_fused_sublayer"):
+    if name in ("mhc_ref", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16"):
         if name == "mhc_fused_sublayer":
             from nanochat.kernels import mhc_stack
             mhc_stack.FUSE_ACROSS_SUBLAYERS = False
-        cfg = model_config(args, mhc_enabled=True, mhc_fused_kernels=name != "mhc_ref")
+        cfg = model_config(args, mhc_enabled=True, mhc_fused_kernels=name != "mhc_ref",
+                           mhc_stream_dtype="bfloat16" if name == "mhc_fused_bf16" else "float32")
         model = build_model(cfg, device, seed=0)
         if cfg.mhc_fused_kernels:
             from nanochat.kernels import mhc_fused_available
@@ -452,7 +455,7 @@ def count_saved_gib(args, name) -> float:
 
 
 def count_saved_main(args, variants):
-    ours = [v for v in variants if v in ("baseline", "mhc_ref", "mhc_fused", "mhc_fused_sublayer")]
+    ours = [v for v in variants if v in ("baseline", "mhc_ref", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16")]
     rows = [dict(variant=v, saved_gib=count_saved_gib(args, v)) for v in ours]
     base = next((r["saved_gib"] for r in rows if r["variant"] == "baseline"), None)
     print(f"\nactivations kept for backward, d{args.depth}, {args.batch_size} x {args.seq_len} tokens, "

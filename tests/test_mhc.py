@@ -235,3 +235,18 @@ def test_inductor_operator_str_is_bounded_and_never_prints_ir():
     assert "Tensor(torch.bfloat16, (2, 3))" in text and "args[6]: object" in text and "num_iters" in text
     # Inductor's own missing-operator error builds its message with the same function
     assert "DeepIR(torch.float32" in str(exc.MissingOperatorWithoutDecomp("nanochat::x", [deep], {}))
+
+
+def test_stream_dtype_option_is_checked_and_applies_only_under_autocast():
+    with pytest.raises(ValueError, match="mhc_stream_dtype='float16' must be 'float32' or 'bfloat16'"):
+        GPTConfig.from_depth(1, vocab_size=32, sequence_len=8, mhc_enabled=True, mhc_stream_dtype="float16")
+    cfg = GPTConfig.from_depth(1, vocab_size=32, sequence_len=8, mhc_enabled=True, mhc_stream_dtype="bfloat16")
+    model = build_model(cfg, "cpu", seed=0)
+    idx = torch.randint(0, 32, (2, 8))
+    assert model.hidden_states(idx).dtype == torch.float32  # no autocast: the fp32 weights need fp32 streams
+    seen = []
+    hook = model.transformer.h[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx).backward()
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the streams entering the first block
