@@ -347,6 +347,9 @@ def one_kill(args, run_dir: Path, log_path: Path, rng: random.Random, timing: di
             run.kill_all()
         return record
     code = run.wait(args.teardown_timeout_s)
+    if code == 0:  # it exited cleanly just before the signal (a SIGKILLed run never exits 0): no kill
+        record.update(ended_by_itself=code, victim_gone=victim)
+        return record
     survivors = [pid for pid in victims if alive(pid)]
     record.update(victim=victim, ranks=len(victims), writing_at_kill=writing, exit_code=code,
                   teardown_s=round(time.time() - t_kill, 3), survivors=survivors, step_at_kill=latest_step(run_dir))
