@@ -293,8 +293,8 @@ def profile_steps(step, sync, steps: int, cuda: bool, top: int = 12) -> list[dic
         for _ in range(steps):
             step()
         sync()
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if own(e) > 0]
     total = sum(own(e) for e in events) or 1.0
     events.sort(key=own, reverse=True)
     return [dict(name=e.key[:90], ms_per_step=own(e) / 1e3 / steps, share=own(e) / total, calls_per_step=e.count / steps)

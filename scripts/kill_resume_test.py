@@ -337,11 +337,14 @@ def one_kill(args, run_dir: Path, log_path: Path, rng: random.Random, timing: di
     victim = rng.choice(victims) if victims else None
     writing = temp_files(run_dir)
     t_kill = time.time()
-    try:
-        if victim is None:
-            raise ProcessLookupError
-        os.kill(victim, signal.SIGKILL)
-    except ProcessLookupError:  # the run ended between the checks above and the kill: no kill happened
+    killed = False
+    if victim is not None:
+        try:
+            os.kill(victim, signal.SIGKILL)
+            killed = True
+        except ProcessLookupError:
+            pass
+    if not killed:  # the run ended between the checks above and the kill: no kill happened
         record.update(ended_by_itself=run.wait(args.teardown_timeout_s), victim_gone=victim)
         if run.returncode is None:
             run.kill_all()

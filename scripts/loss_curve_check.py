@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nanochat.report import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,13 +70,12 @@ def train(args, name: str, seed: int, fused: bool) -> Path:
     if rc != 0:
         last = "\n".join(log_path.read_text().splitlines()[-5:])
         raise SystemExit(f"error: the {name} run failed (exit {rc}); the end of {log_path}:\n{last}")
-    return run_dir / "metrics.jsonl"
+    return run_dir
 
 
-def read_curves(path: Path) -> tuple[dict, dict]:
+def read_curves(run_dir: Path) -> tuple[dict, dict]:
     losses, bpbs = {}, {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_metrics(run_dir):
         if "loss" in rec:
             losses[rec["step"]] = rec["loss"]
         if "val_bpb" in rec:
@@ -89,6 +90,7 @@ def window_means(losses: dict, window: int) -> list[float]:
 
 
 def compare(ref: Path, fused: Path, other_seed: Path, window: int) -> dict:
+    """The three runs' folders (each with its metrics.jsonl) compared window by window."""
     (loss_r, bpb_r), (loss_f, bpb_f), (loss_o, bpb_o) = map(read_curves, (ref, fused, other_seed))
     win_r, win_f, win_o = (window_means(c, window) for c in (loss_r, loss_f, loss_o))
     if len(win_r) < 2:
@@ -112,7 +114,7 @@ def compare(ref: Path, fused: Path, other_seed: Path, window: int) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"| steps | reference loss | fused loss | reference, seed + 1 |", "|---|---|---|---|"]
+    lines = ["| steps | reference loss | fused loss | reference, seed + 1 |", "|---|---|---|---|"]
     lines += [f"| {r['steps']} | {r['ref']:.4f} | {r['fused']:.4f} | {r['other_seed']:.4f} |" for r in result["windows"]]
     if result["evals"]:
         lines += ["", "| step | reference val bpb | fused val bpb | reference, seed + 1 |", "|---|---|---|---|"]

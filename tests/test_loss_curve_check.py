@@ -10,11 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import loss_curve_check  # noqa: E402
 
 
-def write_curve(path: Path, losses, bpbs):
+def write_curve(run_dir: Path, losses, bpbs):
     lines = [json.dumps({"step": s, "loss": v}) for s, v in enumerate(losses, start=1)]
     lines += [json.dumps({"step": s, "val_bpb": v}) for s, v in bpbs.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
 
 
 def test_compare_passes_within_seed_noise_and_fails_beyond_it(tmp_path):

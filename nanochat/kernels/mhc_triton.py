@@ -45,13 +45,13 @@ KERNEL_CONFIGS = {
 }
 
 
-
 def load_kernel_configs(path: str) -> dict:
     """Tile sizes from a JSON file ({kernel: {BLOCK_T: .., num_warps: .., ...}}, as written by
     scripts/tune_mhc_kernels.py --write_best) over the defaults above; checked before any kernel runs."""
     import json
+    from pathlib import Path
     try:
-        tuned = json.loads(open(path).read())
+        tuned = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"NANOCHAT_KERNEL_CONFIGS={path}: cannot read it as JSON ({e}); unset it to use "
                          f"the default tiles") from None
