@@ -278,13 +278,14 @@ def _shard_is_complete(bin_path: Path, tokenizer, signature: dict) -> bool:
 
 
 def _write_shard(bin_path: Path, tokenizer, signature: dict, documents):
-    """Write .bin and .docs.npy through temporary names, then .json last: the completion mark."""
+    """Write .bin and .docs.npy through temporary names, then .json last: the completion mark. The
+    temporary names carry the process id: runs started at once on one cache write side by side."""
     meta_path, docs_path = bin_path.with_suffix(".json"), bin_path.with_suffix(".docs.npy")
     meta_path.unlink(missing_ok=True)  # a stale mark must not vouch for the files written below
     dtype = token_dtype(tokenizer.vocab_size)
     t0 = time.time()
     doc_lengths = []
-    tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
+    tmp_bin = bin_path.with_name(bin_path.name + f".{os.getpid()}.tmp")
     with open(tmp_bin, "wb") as f:
         for batch in _batches_by_chars(documents, ENCODE_BATCH_CHARS):
             encoded = tokenizer.encode_batch(batch, prepend_bos=True)
@@ -293,7 +294,7 @@ def _write_shard(bin_path: Path, tokenizer, signature: dict, documents):
             f.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=sum(lengths)).tobytes())
     offsets = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
     np.cumsum(doc_lengths, out=offsets[1:])
-    tmp_docs = docs_path.with_name(docs_path.name + ".tmp")
+    tmp_docs = docs_path.with_name(docs_path.name + f".{os.getpid()}.tmp")
     with open(tmp_docs, "wb") as f:
         np.save(f, offsets)
     os.replace(tmp_bin, bin_path)
@@ -301,7 +302,7 @@ def _write_shard(bin_path: Path, tokenizer, signature: dict, documents):
     meta = {"format": SHARD_FORMAT, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id, "dtype": np.dtype(dtype).name, "num_tokens": int(offsets[-1]),
             "num_docs": len(doc_lengths), "source": signature, "seconds": round(time.time() - t0, 2)}
-    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_meta = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_meta, meta_path)
 

@@ -11,7 +11,7 @@
 #   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64,
 #                CUDA graphs with and without torch.compile
 #   (then, at once, none of them timed against another)
-#   loss_curve   scripts/loss_curve_check.py: d4 mHC, 300 steps, reference vs fused vs another seed
+#   loss_curve   scripts/loss_curve_check.py: d4 mHC, 300 steps, reference vs fused vs another seed (at once)
 #   kill_resume  scripts/kill_resume_test.py on the GPU: d6 mHC, bf16, torch.compile, SIGKILLs
 #   minigpt      the MiniGPT check of docs/benchmarks.md: both seed-002 presets and modern + mHC
 #
@@ -124,7 +124,7 @@ if has loss_curve; then  # base_train reads the GPT-2 table unpacked: unpack the
     "$PYTHON" -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import run_arm; \
 run_arm.copy_data(Path(sys.argv[1]), Path(sys.argv[2]))" "$DATA_DIR" "$JOB/data"
     say "loss_curve (background)"
-    timeout 400 "$PYTHON" scripts/loss_curve_check.py --data_dir "$JOB/data" --out_dir "$JOB/loss_curve" \
+    timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/loss_curve" \
         --json "$R/loss_curve.json" > "$R/loss_curve.log" 2>&1 &
     pids+=($!)
 fi

@@ -45,12 +45,14 @@ def build_parser():
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_tokens", type=int, default=262144)
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 3),
+                   help="3 runs the three trainings at once (one GPU has room for three small models)")
     p.add_argument("--out_dir", default="out/loss_curve_check")
     p.add_argument("--json", default=None, help="write the comparison here (default: OUT_DIR/report.json)")
     return p
 
 
-def train(args, name: str, seed: int, fused: bool) -> Path:
+def start_training(args, name: str, seed: int, fused: bool) -> tuple[subprocess.Popen, Path]:
     run_dir = Path(args.out_dir) / name
     cmd = [sys.executable, str(ROOT / "scripts" / "base_train.py"), "--mhc_enabled",
            "--depth", str(args.depth), "--num_iterations", str(args.steps), "--seed", str(seed),
@@ -64,13 +66,31 @@ def train(args, name: str, seed: int, fused: bool) -> Path:
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     print(f"[loss_curve_check] {name}: {' '.join(cmd[1:])}", flush=True)
-    log_path = Path(args.out_dir) / f"{name}.log"
-    with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with open(Path(args.out_dir) / f"{name}.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), run_dir
+
+
+def wait_for(process: subprocess.Popen, run_dir: Path) -> Path:
+    rc = process.wait()
     if rc != 0:
+        log_path = run_dir.parent / f"{run_dir.name}.log"
         last = "\n".join(log_path.read_text().splitlines()[-5:])
-        raise SystemExit(f"error: the {name} run failed (exit {rc}); the end of {log_path}:\n{last}")
+        raise SystemExit(f"error: the {run_dir.name} run failed (exit {rc}); the end of {log_path}:\n{last}")
     return run_dir
+
+
+def train_all(args) -> list[Path]:
+    """reference, fused, reference with seed + 1: one after another, or all at once with --jobs 3."""
+    runs = [("reference", args.seed, False), ("fused", args.seed, True), ("reference_other_seed", args.seed + 1, False)]
+    if args.jobs == 1:
+        return [wait_for(*start_training(args, *run)) for run in runs]
+    started = [start_training(args, *run) for run in runs]
+    try:
+        return [wait_for(*s) for s in started]
+    finally:  # one failed: stop the others rather than leave them on the GPU
+        for process, _ in started:
+            if process.poll() is None:
+                process.kill()
 
 
 def read_curves(run_dir: Path) -> tuple[dict, dict]:
@@ -135,9 +155,7 @@ def main(argv=None):
     if args.steps < 2 * args.window:
         raise SystemExit(f"error: --steps {args.steps} must be at least 2 x --window {args.window}")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    ref = train(args, "reference", args.seed, fused=False)
-    fused = train(args, "fused", args.seed, fused=True)
-    other = train(args, "reference_other_seed", args.seed + 1, fused=False)
+    ref, fused, other = train_all(args)
     result = compare(ref, fused, other, args.window)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
     out = Path(args.json or Path(args.out_dir) / "report.json")

@@ -38,8 +38,9 @@ def test_too_few_steps_for_the_window_is_a_clear_error(capsys):
         loss_curve_check.main(["--steps", "10", "--window", "25"])
 
 
-def test_tiny_cpu_run_writes_report(tmp_path):
-    result = loss_curve_check.main([
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_tiny_cpu_run_writes_report(tmp_path, jobs):
+    result = loss_curve_check.main(["--jobs", jobs,
         "--device", "cpu", "--depth", "1", "--steps", "4", "--window", "2", "--data", "tinyshakespeare",
         "--max_seq_len", "32", "--device_batch_size", "2", "--total_batch_size", "64", "--eval_every", "2",
         "--eval_tokens", "128", "--out_dir", str(tmp_path)])
@@ -49,8 +50,9 @@ def test_tiny_cpu_run_writes_report(tmp_path):
     assert [e["step"] for e in saved["evals"]] == [2, 4]
 
 
-def test_a_failed_run_shows_the_end_of_its_log(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_a_failed_run_shows_the_end_of_its_log(tmp_path, jobs):
     with pytest.raises(SystemExit, match=r"(?s)the reference run failed.*missing"):
-        loss_curve_check.main(["--device", "cpu", "--depth", "1", "--steps", "4", "--window", "2",
+        loss_curve_check.main(["--jobs", jobs, "--device", "cpu", "--depth", "1", "--steps", "4", "--window", "2",
                                "--data", "tinyshakespeare", "--data_dir", str(tmp_path / "missing"),
                                "--out_dir", str(tmp_path / "out")])
