@@ -59,6 +59,8 @@ EXPLICIT_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head
 OPTION_FIELDS = [f for f in dataclasses.fields(GPTConfig) if f.name not in EXPLICIT_FIELDS]
 RUN_FILES = ("best.pt", "final.pt", "metrics.jsonl", "train.log", "summary.json", "expert_usage.png")
 PRESET_FLAG_NAMES = {"n_layer": "depth"}  # preset (GPTConfig) names whose flag is spelled otherwise
+FLAG_DEFAULTS = {"mhc_fused_kernels": "Triton kernels for the mHC bookkeeping (default: on when training on CUDA; "
+                                      "a resumed run keeps its own)"}  # generated flags whose default is not GPTConfig's
 
 
 # ----------------------------------------------------------------------------- flags
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {bool: argparse.BooleanOptionalAction}.get(type(f.default))
         extra = dict(action=kind) if kind else dict(type=type(f.default))
         add(mhc if f.name.startswith("mhc_") else options, f.name, default=argparse.SUPPRESS,
-            help=f"(default: {f.default!r})", **extra)
+            help=FLAG_DEFAULTS.get(f.name, f"(default: {f.default!r})"), **extra)
     g = parser.add_argument_group("data")
     add(g, "data", default="enwiki", help="enwiki, tinyshakespeare, fineweb-edu, or a file/folder path")
     add(g, "data_dir", default=None, help="bundled data folder (default: $NANOCHAT_DATA_DIR or ../shared/data)")
@@ -222,9 +224,13 @@ def budget_note(args, total_steps: int | None, step: int, train_time_s: float, s
 
 # ----------------------------------------------------------------------------- plan (no side effects)
 
-def model_config(args, vocab_size: int) -> GPTConfig:
+def model_config(args, vocab_size: int, device_type: str = "cpu") -> GPTConfig:
     options = apply_mhc_preset({}, args.mhc_preset)
     options.update({f.name: getattr(args, f.name) for f in OPTION_FIELDS if hasattr(args, f.name)})
+    if args.mhc_enabled and "mhc_fused_kernels" not in options:
+        # unset: the Triton kernels on CUDA, where they train like the reference at a third of its
+        # step time (docs/benchmarks.md); elsewhere the reference, which is what they run there anyway
+        options["mhc_fused_kernels"] = device_type == "cuda"
     return GPTConfig.from_depth(args.depth, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
                                 sequence_len=args.max_seq_len, vocab_size=vocab_size, mlp_ratio=args.mlp_ratio,
                                 dropout=args.dropout, logit_softcap=args.logit_softcap,
@@ -439,7 +445,7 @@ def check_inputs(args) -> dict:
     max_shards = args.max_shards if args.max_shards > 0 else None
     corpus_sources(args.data, "train", data_dir, max_shards)  # the files exist (no tokenizing yet)
     tokenizer = get_tokenizer(args.tokenizer, data_dir)
-    config = model_config(args, tokenizer.vocab_size)
+    config = model_config(args, tokenizer.vocab_size, device_type)
     run_dir = run_folder(args)
     existing = list_checkpoints(run_dir) + [run_dir / f for f in RUN_FILES if (run_dir / f).exists()]
     resume_path = latest_checkpoint(run_dir) if args.resume else None
@@ -452,6 +458,10 @@ def check_inputs(args) -> dict:
     ckpt, changed = None, []
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        if not hasattr(args, "mhc_fused_kernels") and "mhc_fused_kernels" in ckpt["config"]:
+            # unset on resume: keep the run's own choice (the same weights either way; a run started
+            # before the CUDA default changed resumes as it was)
+            config = dataclasses.replace(config, mhc_fused_kernels=ckpt["config"]["mhc_fused_kernels"])
         changed = check_resume(ckpt, resume_path, config, tokenizer, args)
     with torch.device("meta"):
         meta_model = GPT(config)

@@ -10,7 +10,8 @@ a pack written by scripts/run_arm.py poll into those two places.
 
 Honest by construction: every number is read from a ledger entry or an artifact; a missing arm,
 metric or figure prints "no data"; nothing is estimated or filled in. A cell is the mean +- sample
-sd over the seeds (n given); one seed shows the eval's own standard error over items instead. Each
+sd over the seeds (n given; an arm that repeats a seed is averaged into that seed's one sample, and
+the repeats get their own table); one seed shows the eval's own standard error over items instead. Each
 column names its arms, and the provenance table gives every arm's command, commit, device and date.
 The hand-written block between <!-- discussion --> and <!-- /discussion --> in the old
 results.md is kept.
@@ -43,7 +44,7 @@ PRD_ROWS = [("val bpb", "{p}.bpb.bpb", 4, False),
             ("decode latency, ms/token, batch 1", "latency.ms_per_token_b1", 3, True),
             ("decode latency, ms/token, batch 64", "latency.ms_per_token_b64", 3, True),
             ("peak memory, inference batch 64, GiB", "latency.peak_mem_gib_b64", 2, True),
-            ("peak memory, training, GiB", "train.peak_mem_gib", 2, True)]
+            ("peak memory, training run (steps and evals), GiB", "train.peak_mem_gib", 2, True)]
 PRD_COLUMNS = [("baseline", "baseline", "eval"), ("dynamic mHC", "mhc", "eval"),
                ("mHC + GSM8K SFT", "mhc", "eval_sft"), ("RL-tuned (SFT + RL mean gates)", "mhc", "eval_rl")]
 # two-sided 95% t quantiles, df 1..30 (beyond: the normal 1.96)
@@ -123,26 +124,38 @@ def welch_ci(a: list[float], b: list[float]):
 
 
 def values_of(entries, key) -> list[tuple[float, dict]]:
-    """(value, metric record) of every entry that has the metric."""
-    out = []
+    """(value, metric record) per seed, for the entries that have the metric. Arms that repeat a seed
+    (the same seed trained again, e.g. to extend a sweep) are one sample, not several: their mean is
+    the seed's value, so n counts seeds and the spread is between seeds."""
+    by_seed = {}
     for e in entries:
         m = e["metrics"].get(key)
         if m and m.get("value") is not None and math.isfinite(m["value"]):
-            out.append((float(m["value"]), m))
-    return out
+            by_seed.setdefault(e["seed"], []).append((float(m["value"]), m))
+    return [(sum(v for v, _ in runs) / len(runs), runs[0][1]) for _, runs in sorted(by_seed.items())]
+
+
+def repeats_note(entries) -> str:
+    """ ", seed 0 run twice" when arms repeat a seed (their values are averaged into one sample)."""
+    counts = {}
+    for e in entries:
+        counts[e["seed"]] = counts.get(e["seed"], 0) + 1
+    times = {2: "twice", 3: "3 times"}
+    return "".join(f", seed {seed} run {times.get(c, f'{c} times')}" for seed, c in sorted(counts.items()) if c > 1)
 
 
 def cell(entries, key, digits: int) -> str:
     vals = values_of(entries, key)
     if not vals:
         return NO_DATA
+    have = [e for e in entries if key in e["metrics"]]
     if len(vals) == 1:
         v, m = vals[0]
         se = f" ± {m['stderr']:.{digits}f} s.e." if m.get("stderr") else ""
         items = f", {m['n']} items" if m.get("n") and m.get("stderr") is not None else ""
-        return f"{v:.{digits}f}{se} (1 seed{items})"
+        return f"{v:.{digits}f}{se} (1 seed{items}{repeats_note(have)})"
     mean, sd, n = mean_sd([v for v, _ in vals])
-    return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={n})"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={n}{repeats_note(have)})"
 
 
 def fmt(x, digits=4) -> str:
@@ -186,7 +199,7 @@ def prd_tables(entries) -> list[str]:
                     and any(k.startswith(prefix + ".") for k in e["metrics"])]
             lines.append(f"- {title}: {', '.join(arms) if arms else NO_DATA}")
         lines += ["", "Accuracies are fractions. mean ± sample sd over seeds (n); one seed: ± the eval's standard "
-                  "error over items. RL-tuned = the SFT model with the first RL run's mean gates written in "
+                  "error over items; a seed trained more than once counts once, with the mean of its runs. RL-tuned = the SFT model with the first RL run's mean gates written in "
                   "(scripts/arm_tools.py bake-gates); the per-problem RL policy is in the RL section.", ""]
     return lines
 
@@ -286,6 +299,27 @@ def rl_tables(entries) -> list[str]:
                              f"p={d['p_value']:.3f} |")
         lines.append("")
     return lines
+
+
+def repeats_table(entries) -> list[str]:
+    """Arms that trained the same configuration and seed again: how far apart their results are (a
+    check of run-to-run determinism; the tables above count each seed once)."""
+    same = {}
+    for e in entries:
+        key = (e["depth"], e["group"], e["mhc_preset"], e["seed"], e["lr_scale"], e["target_tokens"], e["device"])
+        same.setdefault(key, []).append(e)
+    repeated = [(key, arms) for key, arms in same.items() if len(arms) > 1]
+    if not repeated:
+        return []
+    lines = ["## Repeated runs of one seed", "",
+             "| depth | group | seed | lr scale | arms | val bpb of each | largest difference |", "|---|---|---|---|---|---|---|"]
+    for (depth, grp, _, seed, lr, _, _), arms in sorted(repeated, key=lambda r: str(r[0])):
+        bpbs = [e["metrics"].get("eval.bpb.bpb", {}).get("value") for e in arms]
+        known = [b for b in bpbs if b is not None]
+        spread = fmt(max(known) - min(known), 5) if len(known) > 1 else NO_DATA
+        lines.append(f"| d{depth} | {grp} | {seed} | {fmt(lr, 3)} | {', '.join(e['arm_id'] for e in arms)} "
+                     f"| {', '.join(fmt(b, 5) for b in bpbs)} | {spread} |")
+    return lines + [""]
 
 
 def provenance_table(entries) -> list[str]:
@@ -558,7 +592,7 @@ def write_report(entries, out_md: Path, fig_dir: Path, runs_dir: Path):
              f"figures are rewritten on every run; only the discussion block is kept. The plan: docs/experiments.md.",
              "", discussion_block(out_md), ""]
     lines += prd_tables(entries) + difference_table(entries) + variants_table(entries) + equal_time_lines(entries)
-    lines += lr_sweep_table(entries) + rl_tables(entries) + ["## Figures", ""]
+    lines += lr_sweep_table(entries) + repeats_table(entries) + rl_tables(entries) + ["## Figures", ""]
     for caption, path in figs:
         lines += [f"![{caption}]({os.path.relpath(path, out_md.parent)})" if path else f"- {caption}: {NO_DATA}", ""]
     lines += provenance_table(entries)

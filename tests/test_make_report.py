@@ -191,3 +191,29 @@ def test_ingest_updates_a_snapshot_and_refuses_another_run(tmp_path):
     other["date"] = "2026-11-24T00:00:00+00:00"
     with pytest.raises(ValueError, match="another run"):
         mr.ingest(pack_with(tmp_path, other, "other.tar.gz"), runs)
+
+
+def test_a_repeated_seed_counts_once(tmp_path):
+    """Seed 0 trained twice (e.g. again to extend a sweep) is one sample: the mean of its runs; the two
+    runs appear in the repeats table with their difference."""
+    import statistics
+    runs = tmp_path / "runs"
+    entries = [make_entry("b0", "baseline", 0, {"eval.bpb.bpb": metric(1.50)}),
+               make_entry("b0again", "baseline", 0, {"eval.bpb.bpb": metric(1.51)}),
+               make_entry("b1", "baseline", 1, {"eval.bpb.bpb": metric(1.52)}),
+               make_entry("b2", "baseline", 2, {"eval.bpb.bpb": metric(1.54)}),
+               make_entry("m0", "mhc", 0, {"eval.bpb.bpb": metric(1.48)}),
+               make_entry("m1", "mhc", 1, {"eval.bpb.bpb": metric(1.49)})]
+    for e in entries:
+        (runs / "ledger").mkdir(parents=True, exist_ok=True)
+        (runs / "ledger" / f"{e['arm_id']}.json").write_text(json.dumps(e))
+    text = run_report(runs, tmp_path)
+    per_seed = [1.505, 1.52, 1.54]
+    row = prd_row(text, "val bpb")
+    assert row[1] == f"{statistics.mean(per_seed):.4f} ± {statistics.stdev(per_seed):.4f} (n=3, seed 0 run twice)"
+    assert row[2] == "1.4850 ± 0.0071 (n=2)"
+    diff = next(line for line in text.splitlines() if line.startswith("| d4, 4,096 | val bpb |"))
+    assert "| 2, 3 |" in diff
+    repeats = text.split("## Repeated runs of one seed")[1].split("\n\n")[1]
+    assert "| d4 | baseline | 0 | 1.000 | b0, b0again | 1.50000, 1.51000 | 0.01000 |" in repeats
+    assert "mhc" not in repeats

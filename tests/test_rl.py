@@ -296,6 +296,8 @@ def test_driver_rejects_bad_settings_before_work(flags, message):
 def test_statistics_on_known_cases():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and 0.2 < hi < 0.35
+    for n in (200, 400, 1319):  # computed, these bounds came out 1e-18 inside (a negative error bar)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     m = mcnemar_exact([0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1])  # 5 discordant, all for b
     assert (m["a_only"], m["b_only"]) == (0, 5) and m["p_value"] == pytest.approx(2 / 32)
     assert mcnemar_exact([1, 0], [1, 0])["p_value"] == 1.0
@@ -336,3 +338,15 @@ def test_tiny_run_writes_a_report_with_every_field(tmp_path, data_dir):
     assert json.loads((out / "report.json").read_text())["policies"].keys() == report["policies"].keys()
     with pytest.raises(FileExistsError):
         main(args)  # never overwrites a finished run
+
+
+def test_accuracy_plot_of_a_model_that_solves_nothing(tmp_path):
+    """The d4 models of docs/results.md score 0 on GSM8K: the plot of such a report must still draw
+    (its first GPU run failed here on a negative error bar)."""
+    from rl.report import plot_policy_accuracy
+
+    lo, hi = wilson_interval(0, 400)
+    zero = {"accuracy": 0.0, "correct": 0, "ci_low": lo, "ci_high": hi}
+    report = {"n_eval": 400, "policies": {name: {"strict": zero, "flexible": zero} for name in ("rl", "gate_0")}}
+    path = plot_policy_accuracy(report, tmp_path / "acc.png")
+    assert path.stat().st_size > 1000

@@ -61,6 +61,28 @@ def test_dash_spellings_and_presets():
     assert cfg.sequence_len == 128 and cfg.n_embd == 64 * 12
 
 
+def test_mhc_fused_kernels_default_to_on_for_cuda_only():
+    parse = base_train.build_parser().parse_args
+    assert base_train.model_config(parse(["--mhc_enabled"]), 257, "cuda").mhc_fused_kernels is True
+    assert base_train.model_config(parse(["--mhc_enabled"]), 257, "cpu").mhc_fused_kernels is False
+    assert base_train.model_config(parse(["--mhc_enabled", "--no-mhc_fused_kernels"]), 257, "cuda").mhc_fused_kernels is False
+    assert base_train.model_config(parse(["--mhc_enabled", "--mhc_fused_kernels"]), 257, "cpu").mhc_fused_kernels is True
+    assert base_train.model_config(parse([]), 257, "cuda").mhc_fused_kernels is False  # no mHC: nothing to fuse
+    assert "on when training on CUDA" in " ".join(base_train.build_parser().format_help().split())
+
+
+def test_resume_keeps_the_runs_own_kernel_choice(tmp_path):
+    """A run saved with the kernels on resumes without the flag (it would default to off on a CPU)
+    instead of stopping at 'trained with other settings'; the flag given explicitly still must match."""
+    run = tmp_path / "run"
+    train(run, "--mhc_enabled", "--mhc_fused_kernels", "--num_iterations", "2", "--save_every", "2")
+    summary = train(run, "--mhc_enabled", "--num_iterations", "3", "--save_every", "3", "--resume")
+    assert summary["steps"] == 3
+    assert load_checkpoint(run / "ckpt_000003.pt")["config"]["mhc_fused_kernels"] is True
+    with pytest.raises(SystemExit, match="mhc_fused_kernels: checkpoint True, now False"):
+        train(run, "--mhc_enabled", "--no-mhc_fused_kernels", "--num_iterations", "4", "--resume")
+
+
 def test_batch_plan_derives_accumulation_and_rejects_non_dividing_sizes():
     args = base_train.build_parser().parse_args(["--device_batch_size", "4", "--max_seq_len", "256",
                                                  "--total_batch_size", "8192"])
