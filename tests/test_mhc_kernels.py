@@ -478,9 +478,10 @@ def test_boundary_op_matches_reference_with_gradients(with_hint, dtype, seed):
         y, gate = rand(N, C).to(dtype).float(), torch.rand(B, generator=g).to(DEVICE)
         return [x_h, h_res_h, h_post_h, y_h, h_res, h_post, y, gate]
 
-    def reference(x_h, h_res_h, h_post_h, y_h, h_res, h_post, y, gate, mod):
-        x = residual_streams(x_h, h_res_h, h_post_h, y_h)
-        z = residual_streams(x, h_res, h_post, y)
+    def reference(x_h, h_res_h, h_post_h, y_h, h_res, h_post, y, gate, mod, run_dtype=torch.float32):
+        # run_dtype bf16: x and y rounded as the fused path gets them (fp32: .to is the identity)
+        x = residual_streams(x_h, h_res_h, h_post_h, y_h).to(run_dtype)
+        z = residual_streams(x, h_res, h_post, y.to(run_dtype))
         h_res_n, h_pre_n, h_post_n = mod.get_matrices(z.view(B, T, n, C), gate)
         u = collapse_streams(h_pre_n, z.view(B, T, n, C)).view(N, C)
         return z, u, h_res_n.view(N, n, n), h_pre_n.view(N, n), h_post_n.view(N, n)
@@ -498,15 +499,40 @@ def test_boundary_op_matches_reference_with_gradients(with_hint, dtype, seed):
                for o in outs_ref]
     sum((o.float() * w).sum() for o, w in zip(outs_ref, weights)).backward()
     sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
-    bound = BOUNDS[dtype] if dtype == torch.float32 else dict(out=1e-2, grad=3e-2)
-    for k, (o, r) in enumerate(zip(outs, outs_ref)):
-        assert rel_err(o, r) < bound["out"], f"output {k}: {rel_err(o, r):.2e} (seed {seed})"
     names = ["x_h", "h_res_h", "h_post_h", "y_h", "h_res", "h_post", "y", "gate"]
-    for name, a, r in zip(names, leaves, leaves_ref):
-        assert rel_err(a.grad, r.grad) < bound["grad"], f"d {name}: {rel_err(a.grad, r.grad):.2e} (seed {seed})"
-    for (name, p), p32 in zip(module.named_parameters(), module32.parameters()):
-        if p.grad is not None:  # the gate parameter is overridden by the per-sample gate
-            assert rel_err(p.grad, p32.grad) < bound["grad"], f"d {name} (seed {seed})"
+    refs = {f"output {k}": r for k, r in enumerate(outs_ref)}
+    refs |= {f"d {name}": t.grad for name, t in zip(names, leaves_ref)}
+    refs |= {f"d module.{name}": p.grad for name, p in module32.named_parameters()}
+
+    def errors_against_fp32(outs, leaves, mod):
+        got = {f"output {k}": o for k, o in enumerate(outs)}
+        got |= {f"d {name}": t.grad for name, t in zip(names, leaves)}
+        got |= {f"d module.{name}": p.grad for name, p in mod.named_parameters()}
+        # (no gradient: the gate parameter, overridden by the per-sample gate)
+        return {k: rel_err(t, refs[k]) for k, t in got.items() if t is not None}
+
+    errors = errors_against_fp32(outs, leaves, module)
+    if dtype == torch.float32:
+        bounds = {k: BOUNDS[dtype]["out" if k.startswith("output") else "grad"] for k in errors}
+    else:
+        # The bf16 rule (a fixed bound flaked): the reference itself run in bf16, on the inputs
+        # rounded as the fused path gets them, sets the scale. Gradients of <= n numbers (alpha,
+        # pre_base, post_base, the gate input) are sums over tokens that largely cancel: their
+        # relative error is a few noise values over a small sum, heavy-tailed in both paths
+        # (seeds 0..499: up to 0.17 fused, 0.26 reference, and per seed the fused one anywhere
+        # from 1/70 to 43x the reference's), so they get slack 0.1, not 1e-2. A wrong formula
+        # still gives O(1); the fp32 case above checks the formulas to 1e-4.
+        for p in module.parameters():
+            p.grad = None
+        leaves_bf = [t.requires_grad_(True) for t in inputs()]
+        outs_bf = reference(*leaves_bf, module, run_dtype=dtype)
+        sum((o.float() * w).sum() for o, w in zip(outs_bf, weights)).backward()
+        errors_bf = errors_against_fp32(outs_bf, leaves_bf, module)
+        assert errors_bf.keys() == errors.keys()
+        slack = {k: 0.1 if refs[k].numel() <= n else BF16_SUBLAYER_SLACK for k in errors}
+        bounds = {k: slack[k] + BF16_SUBLAYER_FACTOR * errors_bf[k] for k in errors}
+    for name, err in errors.items():
+        assert err < bounds[name], f"{name}: rel err {err:.2e} > {bounds[name]:.2e} (seed {seed})"
 
 
 def test_stack_keeps_only_block_inputs_for_backward(monkeypatch, seed):
