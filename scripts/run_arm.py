@@ -159,22 +159,26 @@ def parse_arm(argv: list[str]) -> dict:
     return arm
 
 
-def load_queue(path, values: dict | None = None) -> list[dict]:
-    """A queue file: {"defaults": [flags...], "arms": [[flags...], ...]}; each arm = defaults + its flags.
-    An upper-case token (LR_MHC) is a placeholder for a value an earlier session measured: --set LR_MHC=0.5."""
-    spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(spec.get("arms"), list) or not spec["arms"]:
-        raise ValueError(f"{path}: needs a non-empty 'arms' list of flag lists (docs/runs/README.md)")
+def load_queue(paths: list, values: dict | None = None) -> list[dict]:
+    """Queue files, their arms run in the order given: {"defaults": [flags...], "arms": [[flags...], ...]};
+    each arm = its file's defaults + its flags. An upper-case token (LR_MHC) is a placeholder for a value
+    an earlier session measured: --set LR_MHC=0.5 (one --set for all the files)."""
+    lists = []
+    for path in paths:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(spec.get("arms"), list) or not spec["arms"]:
+            raise ValueError(f"{path}: needs a non-empty 'arms' list of flag lists (docs/runs/README.md)")
+        lists += [list(spec.get("defaults", [])) + list(entry) for entry in spec["arms"]]
+    where = ", ".join(map(str, paths))
     values = dict(values or {})
-    lists = [list(spec.get("defaults", [])) + list(entry) for entry in spec["arms"]]
     holders = {t for argv in lists for t in argv if re.fullmatch(r"[A-Z][A-Z0-9_]+", t)}
     if holders - set(values) or set(values) - holders:
-        raise ValueError(f"{path}: placeholders {sorted(holders)} need --set NAME=VALUE each (got {sorted(values)}; "
+        raise ValueError(f"{where}: placeholders {sorted(holders)} need --set NAME=VALUE each (got {sorted(values)}; "
                          f"docs/experiments.md says where each value comes from)")
     arms = [parse_arm([values.get(t, t) for t in argv]) for argv in lists]
     names = [a["name"] for a in arms]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: arm names repeat: {names}")
+        raise ValueError(f"{where}: arm names repeat: {names}")
     return arms
 
 
@@ -760,7 +764,8 @@ def default_root() -> str:
 def job_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("job")
-    g.add_argument("--queue", default=None, help="JSON file of arms to run one after another (docs/runs/README.md)")
+    g.add_argument("--queue", nargs="+", default=None, metavar="FILE",
+                   help="JSON file(s) of arms to run one after another, in the order given (docs/runs/README.md)")
     g.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="values of the queue's placeholders")
     g.add_argument("--arm_root", default=default_root(), help="work folder on the machine ($NANOCHAT_ARM_ROOT)")
     g.add_argument("--data_dir", default=None, help="data folder (prepare-carry's output; default: the bundled data)")

@@ -63,7 +63,7 @@ def test_bad_arm_flags_fail_before_any_work(argv, match):
 
 @pytest.mark.parametrize("queue", QUEUES, ids=lambda p: p.name)
 def test_shipped_queues_parse_and_need_only_carried_data(queue):
-    arms = ra.load_queue(queue, placeholder_values(queue))
+    arms = ra.load_queue([queue], placeholder_values(queue))
     copies, packed = tools.carry_files(4)
     carried = set(copies) | set(packed)
     for arm in arms:
@@ -73,7 +73,7 @@ def test_shipped_queues_parse_and_need_only_carried_data(queue):
 
 
 def test_arm_names_are_unique_across_queues():
-    names = [a["name"] for q in QUEUES for a in ra.load_queue(q, placeholder_values(q))]
+    names = [a["name"] for q in QUEUES for a in ra.load_queue([q], placeholder_values(q))]
     assert len(names) == len(set(names))
 
 
@@ -81,10 +81,24 @@ def test_queue_placeholders_must_all_be_set(tmp_path):
     queue = tmp_path / "q.json"
     queue.write_text(json.dumps({"arms": [["--name", "a", "--lr_scale", "LR_X"]]}))
     with pytest.raises(ValueError, match="LR_X"):
-        ra.load_queue(queue, {})
+        ra.load_queue([queue], {})
     with pytest.raises(ValueError, match="placeholders"):
-        ra.load_queue(queue, {"LR_X": "1", "LR_Y": "2"})
-    assert ra.load_queue(queue, {"LR_X": "0.25"})[0]["sweep"] == [0.25]
+        ra.load_queue([queue], {"LR_X": "1", "LR_Y": "2"})
+    assert ra.load_queue([queue], {"LR_X": "0.25"})[0]["sweep"] == [0.25]
+
+
+def test_several_queues_run_in_order_with_one_set_of_values(tmp_path):
+    first, second = tmp_path / "q1.json", tmp_path / "q2.json"
+    first.write_text(json.dumps({"defaults": ["--depth", "3"], "arms": [["--name", "a", "--lr_scale", "LR_X"]]}))
+    second.write_text(json.dumps({"arms": [["--name", "b"], ["--name", "c", "--lr_scale", "LR_Y"]]}))
+    arms = ra.load_queue([first, second], {"LR_X": "0.5", "LR_Y": "2"})
+    assert [a["name"] for a in arms] == ["a", "b", "c"]
+    assert arms[0]["depth"] == 3 and arms[1]["depth"] == ra.parse_arm(["--name", "b"])["depth"]  # defaults stay in their file
+    assert (arms[0]["lr_scale"], arms[2]["lr_scale"]) == (0.5, 2.0)
+    with pytest.raises(ValueError, match="LR_Y"):
+        ra.load_queue([first, second], {"LR_X": "0.5"})
+    with pytest.raises(ValueError, match="arm names repeat"):
+        ra.load_queue([first, first], {"LR_X": "0.5"})
 
 
 def test_check_data_names_what_is_missing_and_accepts_xz(tmp_path):
