@@ -66,14 +66,18 @@ def start_training(args, name: str, seed: int, fused: bool) -> tuple[subprocess.
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     print(f"[loss_curve_check] {name}: {' '.join(cmd[1:])}", flush=True)
-    with open(Path(args.out_dir) / f"{name}.log", "w") as log:
+    with open(log_of(run_dir), "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), run_dir
+
+
+def log_of(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".log")  # beside the run folder, which base_train owns
 
 
 def wait_for(process: subprocess.Popen, run_dir: Path) -> Path:
     rc = process.wait()
     if rc != 0:
-        log_path = run_dir.parent / f"{run_dir.name}.log"
+        log_path = log_of(run_dir)
         last = "\n".join(log_path.read_text().splitlines()[-5:])
         raise SystemExit(f"error: the {run_dir.name} run failed (exit {rc}); the end of {log_path}:\n{last}")
     return run_dir

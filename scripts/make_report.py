@@ -123,39 +123,45 @@ def welch_ci(a: list[float], b: list[float]):
     return ma - mb, ma - mb - t * se, ma - mb + t * se
 
 
-def values_of(entries, key) -> list[tuple[float, dict]]:
-    """(value, metric record) per seed, for the entries that have the metric. Arms that repeat a seed
-    (the same seed trained again, e.g. to extend a sweep) are one sample, not several: their mean is
-    the seed's value, so n counts seeds and the spread is between seeds."""
+def runs_by_seed(entries, key) -> dict:
+    """seed -> [(value, metric record), ...] of the entries that have the metric; a seed trained more
+    than once (e.g. again to extend a sweep) has several runs."""
     by_seed = {}
     for e in entries:
         m = e["metrics"].get(key)
         if m and m.get("value") is not None and math.isfinite(m["value"]):
             by_seed.setdefault(e["seed"], []).append((float(m["value"]), m))
-    return [(sum(v for v, _ in runs) / len(runs), runs[0][1]) for _, runs in sorted(by_seed.items())]
+    return dict(sorted(by_seed.items()))
 
 
-def repeats_note(entries) -> str:
-    """ ", seed 0 run twice" when arms repeat a seed (their values are averaged into one sample)."""
-    counts = {}
-    for e in entries:
-        counts[e["seed"]] = counts.get(e["seed"], 0) + 1
-    times = {2: "twice", 3: "3 times"}
-    return "".join(f", seed {seed} run {times.get(c, f'{c} times')}" for seed, c in sorted(counts.items()) if c > 1)
+def seed_means(runs: dict) -> list[tuple[float, dict]]:
+    """(value, metric record) per seed: the runs of a repeated seed are one sample, their mean, so n
+    counts seeds and the spread is between seeds."""
+    return [(sum(v for v, _ in seed_runs) / len(seed_runs), seed_runs[0][1]) for seed_runs in runs.values()]
+
+
+def values_of(entries, key) -> list[tuple[float, dict]]:
+    return seed_means(runs_by_seed(entries, key))
+
+
+def repeats_note(runs: dict) -> str:
+    """ ", seed 0 run twice" for each seed with several runs (averaged into one sample)."""
+    return "".join(f", seed {seed} run {'twice' if len(r) == 2 else f'{len(r)} times'}"
+                   for seed, r in runs.items() if len(r) > 1)
 
 
 def cell(entries, key, digits: int) -> str:
-    vals = values_of(entries, key)
+    runs = runs_by_seed(entries, key)
+    vals = seed_means(runs)
     if not vals:
         return NO_DATA
-    have = [e for e in entries if key in e["metrics"]]
     if len(vals) == 1:
         v, m = vals[0]
         se = f" ± {m['stderr']:.{digits}f} s.e." if m.get("stderr") else ""
         items = f", {m['n']} items" if m.get("n") and m.get("stderr") is not None else ""
-        return f"{v:.{digits}f}{se} (1 seed{items}{repeats_note(have)})"
+        return f"{v:.{digits}f}{se} (1 seed{items}{repeats_note(runs)})"
     mean, sd, n = mean_sd([v for v, _ in vals])
-    return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={n}{repeats_note(have)})"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={n}{repeats_note(runs)})"
 
 
 def fmt(x, digits=4) -> str:

@@ -136,8 +136,8 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.write_best:
-        best = {name: fastest_correct(rows)["config"] for name, rows in report["kernels"].items()
-                if fastest_correct(rows)}
+        best = {name: fastest["config"] for name, rows in report["kernels"].items()
+                if (fastest := fastest_correct(rows))}
         Path(args.write_best).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_best).write_text(json.dumps(best, indent=2) + "\n")
     return report
