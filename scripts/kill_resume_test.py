@@ -114,7 +114,7 @@ class Run:
     """One start of base_train: a process group (exec) or a forked child (fork)."""
 
     def __init__(self, args, flags: list[str], log_path: Path):
-        self.launch, self.t0, self.torchrun, self.nproc = args.launch, time.time(), args.nproc > 1, args.nproc
+        self.launch, self.t0, self.nproc = args.launch, time.time(), args.nproc
         self.returncode, self.workers = None, []
         if args.launch == "fork":
             self.pid = fork_base_train(flags, log_path)
@@ -147,7 +147,7 @@ class Run:
 
     def victims(self, deadline: float) -> list[int]:
         """The training processes: torchrun's workers (waiting until they exist), else the process."""
-        if not self.torchrun:
+        if self.nproc == 1:  # no torchrun: the run is the one process
             return [self.pid]
         while self.poll() is None and time.time() < deadline:
             # torchrun starts each worker in a session of its own: remember them, to clean up. Wait
