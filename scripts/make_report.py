@@ -267,7 +267,36 @@ def equal_time_lines(entries) -> list[str]:
                 budget = round(mean_sd(base)[0] * mean_sd(secs)[0] / batch) * batch
                 lines.append(f"- d{depth}, {tokens:,} tokens, {device}: `--target_tokens {budget}` "
                              f"(baseline {mean_sd(base)[0]:,.0f} tok/s × mHC {mean_sd(secs)[0]:.1f} s)")
-    return lines + ([] if found else [f"- {NO_DATA}"]) + [""]
+    return lines + ([] if found else [f"- {NO_DATA}"]) + [""] + equal_time_table(entries)
+
+
+def equal_time_table(entries) -> list[str]:
+    """The answer at equal wall-clock time: each depth's mHC arms against the equal-time baselines trained
+    on the same device, with the training seconds each side actually took."""
+    rows = []
+    for (depth, tokens), group in comparison_sets(entries).items():
+        for device in sorted({e["device"] for e in group}):
+            mhc = [e for e in group if e["group"] == "mhc" and e["device"] == device]
+            eqt = [e for e in entries if e["group"] == "baseline_equal_time" and e["depth"] == depth
+                   and e["device"] == device]
+            if not mhc or not eqt:
+                continue
+            a = [v for v, _ in values_of(mhc, "eval.bpb.bpb")]
+            b = [v for v, _ in values_of(eqt, "eval.bpb.bpb")]
+            ci = welch_ci(a, b)
+            if ci is None:
+                diff, reading = "needs ≥ 2 seeds per arm", "-"
+            else:
+                diff = f"{ci[0]:+.4f} [{ci[1]:+.4f}, {ci[2]:+.4f}]"
+                reading = "difference measurable" if ci[1] > 0 or ci[2] < 0 else "no difference measurable"
+            eqt_tokens = ", ".join(f"{t:,}" for t in sorted({e["target_tokens"] for e in eqt}))
+            rows.append(f"| d{depth} | {device} | {tokens:,} | {cell(mhc, 'train.steady_seconds', 1)} | {eqt_tokens} "
+                        f"| {cell(eqt, 'train.steady_seconds', 1)} | {diff} | {len(a)}, {len(b)} | {reading} |")
+    if not rows:
+        return []
+    return ["| depth | device | mHC tokens | mHC steady train s | baseline tokens | baseline steady train s "
+            "| val bpb, mHC − equal-time baseline [95% Welch CI] | n (mHC, baseline) | reading |",
+            "|---|---|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 def lr_sweep_table(entries) -> list[str]:

@@ -217,3 +217,29 @@ def test_a_repeated_seed_counts_once(tmp_path):
     repeats = text.split("## Repeated runs of one seed")[1].split("\n\n")[1]
     assert "| d4 | baseline | 0 | 1.000 | b0, b0again | 1.50000, 1.51000 | 0.01000 |" in repeats
     assert "mhc" not in repeats
+
+
+def test_equal_time_table_compares_mhc_with_the_equal_time_baselines(tmp_path):
+    """The equal-wall-clock answer: mHC arms against `baseline_equal_time` arms of the same depth and
+    device (more tokens), with a Welch interval; an equal-time arm on another device is left out."""
+    runs = tmp_path / "runs"
+    entries = [make_entry(f"b{s}", "baseline", s, {"eval.bpb.bpb": metric(1.52), "train.tokens_per_s": metric(2000.0)})
+               for s in range(2)]
+    entries += [make_entry(f"m{s}", "mhc", s, {"eval.bpb.bpb": metric(v), "train.steady_seconds": metric(4.0)})
+                for s, v in enumerate([1.48, 1.50])]
+    entries += [make_entry(f"e{s}", "baseline_equal_time", s, {"eval.bpb.bpb": metric(v), "train.steady_seconds": metric(4.1)})
+                for s, v in enumerate([1.44, 1.45, 1.46])]
+    other = make_entry("e9", "baseline_equal_time", 9, {"eval.bpb.bpb": metric(9.0)})
+    other["device"] = "another GPU"
+    for e in entries + [other]:
+        if e["group"] == "baseline_equal_time":
+            e["target_tokens"] = 8192
+        (runs / "ledger").mkdir(parents=True, exist_ok=True)
+        (runs / "ledger" / f"{e['arm_id']}.json").write_text(json.dumps(e))
+    text = run_report(runs, tmp_path)
+    section = text.split("## Equal wall-clock time")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| d4 | NVIDIA H200 |"))
+    # mHC 1.49 (sd 0.0141, n 2) - baseline 1.45 (sd 0.01, n 3) = +0.04; se = sqrt(0.0002/2 + 0.0001/3);
+    # Welch df 1.7 -> 1 -> t 12.706: [+0.04 - 12.706 * 0.011547, ...]
+    assert "| 4,096 | 4.0 ± 0.0 (n=2) | 8,192 | 4.1 ± 0.0 (n=3) | +0.0400 [-0.1067, +0.1867] | 2, 3 | no difference measurable |" in row
+    assert "another GPU" not in section

@@ -680,7 +680,7 @@ def test_tuner_measures_candidates_and_flags_a_broken_tile(monkeypatch):
 
 
 def test_tuned_kernel_configs_file_is_checked(tmp_path):
-    good = dict(mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"], BLOCKS_PER_SPLIT=16)
+    good = dict(mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"], BLOCKS_PER_SPLIT=32)
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps({"boundary_bwd_cols": good}))
     assert mhc_triton.load_kernel_configs(str(path)) == {"boundary_bwd_cols": good}

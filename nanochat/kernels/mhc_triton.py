@@ -35,13 +35,16 @@ KERNEL_CONFIGS = {
     "collapse_bwd": dict(BLOCK_T=16, BLOCK_C=64, num_warps=4),
     "residual": dict(BLOCK_T=16, BLOCK_C=128, num_warps=8),
     "residual_bwd": dict(BLOCK_T=16, BLOCK_C=64, num_warps=4),
-    # sublayer-boundary kernels (mhc_boundary_triton.py): chosen by registers per thread at d12
-    # (compile_report: 80 / 96 / 174-204, no spills, fp32 streams), not yet timed on a GPU
-    "boundary": dict(BLOCK_T=32, BLOCK_C=32, num_warps=8, num_stages=2),
-    # decode (<= SMALL_N tokens): few programs whatever the tiles, so fewer, wider channel steps
+    # sublayer-boundary kernels (mhc_boundary_triton.py): the fastest correct tiles of
+    # scripts/tune_mhc_kernels.py at d12 shapes (C 768, 16,384 tokens) on an H100, 2026-12-06
+    # (docs/benchmarks.md); bwd_cols went from 1.60 to 0.43 ms a call with 4 warps instead of 8.
+    # The forward takes the runner-up (0.335 ms; the best, BLOCK_T 64 at 0.310 ms, spills registers
+    # when the branch output is fp32 too, i.e. without autocast: test_kernels_compile_for_hopper)
+    "boundary": dict(BLOCK_T=16, BLOCK_C=32, num_warps=4, num_stages=2),
+    # decode (<= SMALL_N tokens): few programs whatever the tiles, so fewer, wider channel steps (not tuned)
     "boundary_small": dict(BLOCK_T=16, BLOCK_C=128, num_warps=8, num_stages=2),
-    "boundary_bwd_rows": dict(BLOCK_T=16, BLOCK_C=32, num_warps=4),
-    "boundary_bwd_cols": dict(BLOCK_T=16, BLOCK_C=32, BLOCKS_PER_SPLIT=64, num_warps=8, num_stages=2),
+    "boundary_bwd_rows": dict(BLOCK_T=16, BLOCK_C=128, num_warps=8),
+    "boundary_bwd_cols": dict(BLOCK_T=16, BLOCK_C=32, BLOCKS_PER_SPLIT=16, num_warps=4, num_stages=2),
 }
 
 
