@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 JOB="${GPU_JOB_DIR:-/tmp/nanochat_gpu_job}"
 ACTION="${1:-}"; shift || true
-PHASES="tune,train_d12,train_d20,decode,loss_curve"  # also: kill_resume, minigpt
+PHASES="tune,train_d12,train_d20,decode"  # also: loss_curve (done 2026-12-06), kill_resume, minigpt
 DATA_DIR=.carry/exp
 CHAR_DATA_DIR=.carry/data
 WAIT_S=560

@@ -3,7 +3,10 @@
 For each kernel (boundary forward, bwd_rows, bwd_cols) and each candidate tile configuration:
 the median time of its launcher (triton.testing.do_bench) and its largest relative difference from
 the current configuration's outputs (a tile changes only the summation order: a candidate that
-differs by more than --tolerance is marked wrong, never chosen). Prints one table per kernel,
+differs by more than --tolerance is marked wrong, never chosen). The best is the fastest correct tile
+that compiles for sm_90 without register spills in every dtype setting the model uses (bf16 and
+fp32 streams, with and without autocast; a spilling tile can win at the timed setting and lose at
+another, and test_kernels_compile_for_hopper refuses it). Prints one table per kernel,
 fastest first, and the best configuration as a KERNEL_CONFIGS line for
 nanochat/kernels/mhc_triton.py; --json writes everything; --write_best writes the best tiles as a
 file that NANOCHAT_KERNEL_CONFIGS=FILE applies to every later run without editing the code.
@@ -131,20 +134,45 @@ def main(argv=None):
             finally:
                 mhc_triton.KERNEL_CONFIGS[name] = current
         report["kernels"][name] = rows
+        if args.device == "cuda":
+            mark_best(name, rows, lambda cfg: spills(name, cfg, args))
         print_table(name, rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.write_best:
-        best = {name: fastest["config"] for name, rows in report["kernels"].items()
-                if (fastest := fastest_correct(rows))}
+        best = {name: chosen["config"] for name, rows in report["kernels"].items() if (chosen := best_row(rows))}
         Path(args.write_best).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_best).write_text(json.dumps(best, indent=2) + "\n")
     return report
 
 
-def fastest_correct(rows: list[dict]) -> dict | None:
-    return min((r for r in rows if r["ok"] and r["ms"] is not None), key=lambda r: r["ms"], default=None)
+def spills(name: str, cfg: dict, args) -> dict:
+    """{kernel/dtype setting: stack bytes} where tile cfg spills registers on sm_90 (Triton's bundled
+    ptxas, as test_kernels_compile_for_hopper checks); empty if it spills nowhere."""
+    from nanochat.kernels import mhc_triton
+    current = mhc_triton.KERNEL_CONFIGS[name]
+    mhc_triton.KERNEL_CONFIGS[name] = cfg
+    try:
+        report = mhc_triton.compile_report(arch=90, n=args.num_streams, C=args.width, num_iters=args.sinkhorn_iters,
+                                           only=(name,))
+    finally:
+        mhc_triton.KERNEL_CONFIGS[name] = current
+    return {k: v["stack_bytes"] for k, v in report.items() if v["stack_bytes"] > 0}
+
+
+def mark_best(name: str, rows: list[dict], spill_check) -> None:
+    """Walk the correct timed tiles fastest first; the first that spills nowhere gets "best": True.
+    Only the tiles walked past are compiled (each check is a few ptxas runs)."""
+    for row in sorted((r for r in rows if r["ok"] and r["ms"] is not None), key=lambda r: r["ms"]):
+        row["spills"] = spill_check(row["config"])
+        if not row["spills"]:
+            row["best"] = True
+            return
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r.get("best")), None)
 
 
 def print_table(name: str, rows: list[dict]):
@@ -156,8 +184,10 @@ def print_table(name: str, rows: list[dict]):
         ms = "-" if r["ms"] is None else f"{r['ms']:.4f}"
         diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}"
         status = r.get("error") or ("ok" if r["ok"] else "DIFFERS")
+        if r.get("spills"):
+            status += ", spills registers: " + ", ".join(f"{k} {v} B" for k, v in r["spills"].items())
         print(f"| {r['config']} | {ms} | {diff} | {status} |")
-    best = fastest_correct(rows)
+    best = best_row(rows)
     if best:
         print(f'best: "{name}": dict({", ".join(f"{k}={v}" for k, v in best["config"].items())}),  '
               f"# {best['ms']:.4f} ms")

@@ -679,6 +679,44 @@ def test_tuner_measures_candidates_and_flags_a_broken_tile(monkeypatch):
     assert not rows[2]["ok"] and "error" in rows[2]
 
 
+def test_tuner_skips_a_fastest_tile_that_spills_registers():
+    """The fastest correct tile is chosen only if it compiles without spills; a wrong or untimed tile
+    is never checked or chosen."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import tune_mhc_kernels
+    rows = [dict(config={"t": 1}, ms=0.5, ok=True), dict(config={"t": 2}, ms=0.3, ok=True),
+            dict(config={"t": 3}, ms=0.1, ok=False), dict(config={"t": 4}, ms=0.2, ok=True),
+            dict(config={"t": 5}, ms=None, ok=False)]
+    checked = []
+
+    def spill_check(cfg):
+        checked.append(cfg["t"])
+        return {"boundary/fp32": 472} if cfg["t"] == 4 else {}
+    tune_mhc_kernels.mark_best("boundary", rows, spill_check)
+    assert checked == [4, 2]  # fastest correct first, stop at the first clean one
+    assert tune_mhc_kernels.best_row(rows)["config"] == {"t": 2}
+    assert rows[3]["spills"] == {"boundary/fp32": 472} and "best" not in rows[3]
+
+
+@pytest.mark.slow
+def test_tuner_spill_check_flags_a_spilling_tile():
+    """spills() compiles one kernel for sm_90 with a candidate tile: the forward's 64-token tile spills
+    with fp32 branch outputs at C 768 (measured 2026-12-06), the default tile does not."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, json, argparse; sys.path.insert(0, 'scripts'); import tune_mhc_kernels as t; "
+            "from nanochat.kernels import mhc_triton as m; "
+            "a = argparse.Namespace(num_streams=4, width=768, sinkhorn_iters=20); "
+            "big = dict(m.KERNEL_CONFIGS['boundary'], BLOCK_T=64); "
+            "print(json.dumps([t.spills('boundary', big, a), t.spills('boundary', m.KERNEL_CONFIGS['boundary'], a)]))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    big, default = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "boundary/fp32" in big and big["boundary/fp32"] > 0
+    assert default == {}
+
+
 def test_tuned_kernel_configs_file_is_checked(tmp_path):
     good = dict(mhc_triton.KERNEL_CONFIGS["boundary_bwd_cols"], BLOCKS_PER_SPLIT=32)
     path = tmp_path / "tiles.json"
