@@ -210,6 +210,15 @@ def prd_tables(entries) -> list[str]:
     return lines
 
 
+def difference_cells(a: list[float], b: list[float], digits: int) -> tuple[str, str]:
+    """mean(a) - mean(b) [95% Welch interval], and whether the interval excludes 0."""
+    ci = welch_ci(a, b)
+    if ci is None:
+        return "needs ≥ 2 seeds per arm", "-"
+    reading = "difference measurable" if ci[1] > 0 or ci[2] < 0 else "no difference measurable"
+    return f"{ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, {ci[2]:+.{digits}f}]", reading
+
+
 def difference_table(entries) -> list[str]:
     lines = ["## Dynamic mHC minus baseline (equal tokens)", "",
              "| depth, tokens | metric | mHC − baseline [95% Welch CI] | n (mHC, baseline) | reading |",
@@ -222,13 +231,8 @@ def difference_table(entries) -> list[str]:
             if not a and not b:
                 continue
             rows += 1
-            ci = welch_ci(a, b)
-            if ci is None:
-                lines.append(f"| d{depth}, {tokens:,} | {label} | needs ≥ 2 seeds per arm | {len(a)}, {len(b)} | - |")
-                continue
-            reading = "difference measurable" if ci[1] > 0 or ci[2] < 0 else "no difference measurable"
-            lines.append(f"| d{depth}, {tokens:,} | {label} | {ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, "
-                         f"{ci[2]:+.{digits}f}] | {len(a)}, {len(b)} | {reading} |")
+            diff, reading = difference_cells(a, b, digits)
+            lines.append(f"| d{depth}, {tokens:,} | {label} | {diff} | {len(a)}, {len(b)} | {reading} |")
     return lines + ([] if rows else [f"| {NO_DATA} | | | | |"]) + [""]
 
 
@@ -283,12 +287,7 @@ def equal_time_table(entries) -> list[str]:
                 continue
             a = [v for v, _ in values_of(mhc, "eval.bpb.bpb")]
             b = [v for v, _ in values_of(eqt, "eval.bpb.bpb")]
-            ci = welch_ci(a, b)
-            if ci is None:
-                diff, reading = "needs ≥ 2 seeds per arm", "-"
-            else:
-                diff = f"{ci[0]:+.4f} [{ci[1]:+.4f}, {ci[2]:+.4f}]"
-                reading = "difference measurable" if ci[1] > 0 or ci[2] < 0 else "no difference measurable"
+            diff, reading = difference_cells(a, b, 4)
             eqt_tokens = ", ".join(f"{t:,}" for t in sorted({e["target_tokens"] for e in eqt}))
             rows.append(f"| d{depth} | {device} | {tokens:,} | {cell(mhc, 'train.steady_seconds', 1)} | {eqt_tokens} "
                         f"| {cell(eqt, 'train.steady_seconds', 1)} | {diff} | {len(a)}, {len(b)} | {reading} |")

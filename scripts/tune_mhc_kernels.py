@@ -135,7 +135,7 @@ def main(argv=None):
                 mhc_triton.KERNEL_CONFIGS[name] = current
         report["kernels"][name] = rows
         if args.device == "cuda":
-            mark_best(name, rows, lambda cfg: spills(name, cfg, args))
+            mark_best(rows, lambda cfg: spills(name, cfg, args))
         print_table(name, rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def spills(name: str, cfg: dict, args) -> dict:
     return {k: v["stack_bytes"] for k, v in report.items() if v["stack_bytes"] > 0}
 
 
-def mark_best(name: str, rows: list[dict], spill_check) -> None:
+def mark_best(rows: list[dict], spill_check) -> None:
     """Walk the correct timed tiles fastest first; the first that spills nowhere gets "best": True.
     Only the tiles walked past are compiled (each check is a few ptxas runs)."""
     for row in sorted((r for r in rows if r["ok"] and r["ms"] is not None), key=lambda r: r["ms"]):

@@ -692,7 +692,7 @@ def test_tuner_skips_a_fastest_tile_that_spills_registers():
     def spill_check(cfg):
         checked.append(cfg["t"])
         return {"boundary/fp32": 472} if cfg["t"] == 4 else {}
-    tune_mhc_kernels.mark_best("boundary", rows, spill_check)
+    tune_mhc_kernels.mark_best(rows, spill_check)
     assert checked == [4, 2]  # fastest correct first, stop at the first clean one
     assert tune_mhc_kernels.best_row(rows)["config"] == {"t": 2}
     assert rows[3]["spills"] == {"boundary/fp32": 472} and "best" not in rows[3]
