@@ -12,6 +12,8 @@
 #                CUDA graphs with and without torch.compile
 #   (then, at once, none of them timed against another)
 #   loss_curve   scripts/loss_curve_check.py: d4 mHC, 300 steps, reference vs fused vs another seed (at once)
+#   loss_curve_bf16  the same with the fused run's streams in bf16 (--mhc_stream_dtype bfloat16) against the
+#                fp32 reference: may the cheaper streams become the default?
 #   kill_resume  scripts/kill_resume_test.py on the GPU: d6 mHC, bf16, torch.compile, SIGKILLs
 #   minigpt      the MiniGPT check of docs/benchmarks.md: both seed-002 presets and modern + mHC
 #
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 JOB="${GPU_JOB_DIR:-/tmp/nanochat_gpu_job}"
 ACTION="${1:-}"; shift || true
-PHASES="tune,train_d12,train_d20,decode"  # also: loss_curve (done 2026-12-06), kill_resume, minigpt
+PHASES="tune,train_d12,train_d20,decode,loss_curve_bf16"  # also: loss_curve (done 2026-12-06), kill_resume, minigpt
 DATA_DIR=.carry/exp
 CHAR_DATA_DIR=.carry/data
 WAIT_S=560
@@ -120,12 +122,20 @@ if has decode; then
 fi
 
 pids=()
-if has loss_curve; then  # base_train reads the GPT-2 table unpacked: unpack the carry as run_arm does
+if has loss_curve || has loss_curve_bf16; then  # base_train reads the GPT-2 table unpacked, as run_arm unpacks it
     "$PYTHON" -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import run_arm; \
 run_arm.copy_data(Path(sys.argv[1]), Path(sys.argv[2]))" "$DATA_DIR" "$JOB/data"
+fi
+if has loss_curve; then
     say "loss_curve (background)"
     timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/loss_curve" \
         --json "$R/loss_curve.json" > "$R/loss_curve.log" 2>&1 &
+    pids+=($!)
+fi
+if has loss_curve_bf16; then
+    say "loss_curve_bf16 (background)"
+    timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/loss_curve_bf16" \
+        --fused_args="--mhc_stream_dtype bfloat16" --json "$R/loss_curve_bf16.json" > "$R/loss_curve_bf16.log" 2>&1 &
     pids+=($!)
 fi
 if has kill_resume; then
@@ -146,6 +156,7 @@ if has minigpt; then
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
 if has loss_curve; then tail -n 20 "$R/loss_curve.log"; fi
+if has loss_curve_bf16; then tail -n 20 "$R/loss_curve_bf16.log"; fi
 if has kill_resume; then
     cp "$JOB"/kill_resume/report.json "$R/kill_resume.json" 2>/dev/null
     tail -n 5 "$R/kill_resume.log"

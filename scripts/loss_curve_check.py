@@ -7,6 +7,7 @@ in distribution drift apart: the noise). Compares the training loss in windows o
 steps and the val bpb at every eval, and prints one table.
 
     python scripts/loss_curve_check.py --data_dir .carry/exp --out_dir /tmp/lcc        # one GPU
+    python scripts/loss_curve_check.py --fused_args="--mhc_stream_dtype bfloat16" ...  # bf16 streams vs fp32
     python scripts/loss_curve_check.py --device cpu --depth 1 --steps 6 --window 2 --data tinyshakespeare \\
         --max_seq_len 32 --device_batch_size 2 --total_batch_size 64                    # CPU smoke test
 
@@ -19,6 +20,7 @@ fused-vs-reference difference is 0 there: the CPU run tests this script, not the
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,9 @@ def build_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, choices=(1, 3),
                    help="3 runs the three trainings at once (one GPU has room for three small models)")
+    p.add_argument("--fused_args", default="",
+                   help="extra base_train flags for the fused run only, e.g. '--mhc_stream_dtype bfloat16' to check "
+                        "that a cheaper setting still trains like the fp32 reference")
     p.add_argument("--out_dir", default="out/loss_curve_check")
     p.add_argument("--json", default=None, help="write the comparison here (default: OUT_DIR/report.json)")
     return p
@@ -61,6 +66,8 @@ def start_training(args, name: str, seed: int, fused: bool) -> tuple[subprocess.
            "--eval_every", str(args.eval_every), "--eval_tokens", str(args.eval_tokens),
            "--device", args.device, "--out_dir", str(run_dir), "--overwrite", "--save_every", "0",
            "--sample_every", "0", "--mhc_fused_kernels" if fused else "--no-mhc_fused_kernels"]
+    if fused:
+        cmd += shlex.split(args.fused_args)
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     if args.data_dir:

@@ -56,3 +56,20 @@ def test_a_failed_run_shows_the_end_of_its_log(tmp_path, jobs):
         loss_curve_check.main(["--jobs", jobs, "--device", "cpu", "--depth", "1", "--steps", "4", "--window", "2",
                                "--data", "tinyshakespeare", "--data_dir", str(tmp_path / "missing"),
                                "--out_dir", str(tmp_path / "out")])
+
+
+def test_fused_args_reach_the_fused_run_only(tmp_path, monkeypatch):
+    """--fused_args (e.g. bf16 streams) is added to the fused run's command, never to the two reference runs."""
+    commands = {}
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            commands[Path(cmd[cmd.index("--out_dir") + 1]).name] = cmd
+    monkeypatch.setattr(loss_curve_check.subprocess, "Popen", FakePopen)
+    args = loss_curve_check.build_parser().parse_args(["--out_dir", str(tmp_path), "--fused_args",
+                                                       "--mhc_stream_dtype bfloat16"])
+    for name, fused in (("reference", False), ("fused", True)):
+        loss_curve_check.start_training(args, name, 42, fused)
+    fused_cmd = commands["fused"]
+    assert fused_cmd[fused_cmd.index("--mhc_stream_dtype") + 1] == "bfloat16"
+    assert "--mhc_stream_dtype" not in commands["reference"]
