@@ -55,6 +55,8 @@ from nanochat.mhc import bound_inductor_operator_str
 
 VARIANTS = ("baseline", "mhc_ref", "mhc_ref_einsum", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16",
             "hf_gpt2", "hc_mhc")
+# this project's GPT with mHC, built from GPTConfig alone (mhc_ref_einsum also patches the stream arithmetic)
+GPT_MHC_VARIANTS = ("mhc_ref", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16")
 DEFAULT_VARIANTS = "baseline,mhc_ref,mhc_fused,hf_gpt2,hc_mhc"
 SKIPPED_EXIT = 3  # a worker exits with this when its library is missing
 MIN_START_S = 30  # a variant is not started with less time than this left before --deadline_s
@@ -180,7 +182,7 @@ def build_variant(name: str, args, device) -> nn.Module:
     if name == "mhc_ref_einsum":
         use_einsum_stream_arithmetic()
         return build_model(model_config(args, mhc_enabled=True), device, seed=0)
-    if name in ("mhc_ref", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16"):
+    if name in GPT_MHC_VARIANTS:
         if name == "mhc_fused_sublayer":
             from nanochat.kernels import mhc_stack
             mhc_stack.FUSE_ACROSS_SUBLAYERS = False
@@ -455,7 +457,7 @@ def count_saved_gib(args, name) -> float:
 
 
 def count_saved_main(args, variants):
-    ours = [v for v in variants if v in ("baseline", "mhc_ref", "mhc_fused", "mhc_fused_sublayer", "mhc_fused_bf16")]
+    ours = [v for v in variants if v in ("baseline", *GPT_MHC_VARIANTS)]
     rows = [dict(variant=v, saved_gib=count_saved_gib(args, v)) for v in ours]
     base = next((r["saved_gib"] for r in rows if r["variant"] == "baseline"), None)
     print(f"\nactivations kept for backward, d{args.depth}, {args.batch_size} x {args.seq_len} tokens, "

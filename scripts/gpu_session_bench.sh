@@ -122,22 +122,19 @@ if has decode; then
 fi
 
 pids=()
+loss_curve_job() {  # NAME [loss_curve_check flags]: in the background; results $R/NAME.json and .log
+    local name="$1"; shift
+    say "$name (background)"
+    timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/$name" \
+        --json "$R/$name.json" "$@" > "$R/$name.log" 2>&1 &
+    pids+=($!)
+}
 if has loss_curve || has loss_curve_bf16; then  # base_train reads the GPT-2 table unpacked, as run_arm unpacks it
     "$PYTHON" -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import run_arm; \
 run_arm.copy_data(Path(sys.argv[1]), Path(sys.argv[2]))" "$DATA_DIR" "$JOB/data"
 fi
-if has loss_curve; then
-    say "loss_curve (background)"
-    timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/loss_curve" \
-        --json "$R/loss_curve.json" > "$R/loss_curve.log" 2>&1 &
-    pids+=($!)
-fi
-if has loss_curve_bf16; then
-    say "loss_curve_bf16 (background)"
-    timeout 400 "$PYTHON" scripts/loss_curve_check.py --jobs 3 --data_dir "$JOB/data" --out_dir "$JOB/loss_curve_bf16" \
-        --fused_args="--mhc_stream_dtype bfloat16" --json "$R/loss_curve_bf16.json" > "$R/loss_curve_bf16.log" 2>&1 &
-    pids+=($!)
-fi
+if has loss_curve; then loss_curve_job loss_curve; fi
+if has loss_curve_bf16; then loss_curve_job loss_curve_bf16 --fused_args="--mhc_stream_dtype bfloat16"; fi
 if has kill_resume; then
     say "kill_resume (background)"
     timeout 400 "$PYTHON" scripts/kill_resume_test.py --device cuda --depth 6 --dtype bfloat16 --compile \
@@ -155,8 +152,7 @@ if has minigpt; then
     done
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
-if has loss_curve; then tail -n 20 "$R/loss_curve.log"; fi
-if has loss_curve_bf16; then tail -n 20 "$R/loss_curve_bf16.log"; fi
+for name in loss_curve loss_curve_bf16; do if has "$name"; then tail -n 20 "$R/$name.log"; fi; done
 if has kill_resume; then
     cp "$JOB"/kill_resume/report.json "$R/kill_resume.json" 2>/dev/null
     tail -n 5 "$R/kill_resume.log"
