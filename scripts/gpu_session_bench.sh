@@ -6,8 +6,9 @@
 #   tune         scripts/tune_mhc_kernels.py at d12 shapes; the fastest correct tiles then apply to
 #                every later phase (NANOCHAT_KERNEL_CONFIGS=results/tiles_d12.json)
 #   train_d12    scripts/bench_train.py at d12, 8 x 2048 tokens a micro-batch: baseline, mHC fused
-#                (fp32 and bf16 streams), mHC reference (broadcast and einsum stream arithmetic), HF GPT-2, hyper-connections
-#   train_d20    the same at d20, 4 x 2048 (two variants compile at once: both must fit one H100)
+#                (fp32 and bf16 streams), mHC reference, HF GPT-2, hyper-connections; with a profile
+#   train_d20    the same at d20, 4 x 2048, without the reference (two variants compile at once:
+#                both must fit one H100)
 #   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64,
 #                CUDA graphs with and without torch.compile
 #   (then, at once, none of them timed against another)
@@ -31,7 +32,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 JOB="${GPU_JOB_DIR:-/tmp/nanochat_gpu_job}"
 ACTION="${1:-}"; shift || true
-PHASES="tune,train_d12,train_d20,decode,loss_curve_bf16"  # also: loss_curve (done 2026-12-06), kill_resume, minigpt
+PHASES="train_d12,train_d20,decode,loss_curve_bf16"  # also: tune, loss_curve (both done 2026-12-06), kill_resume, minigpt
 DATA_DIR=.carry/exp
 CHAR_DATA_DIR=.carry/data
 WAIT_S=560
@@ -47,7 +48,7 @@ case "$ACTION" in
             esac
         done ;;
     poll) WAIT_S="${1:-560}" ;;
-    *) sed -n '2,22p' "$0"; exit 2 ;;
+    *) sed -n '2,23p' "$0"; exit 2 ;;
 esac
 
 copy_out() {
@@ -103,14 +104,14 @@ fi
 if has train_d12; then
     say "train_d12"
     timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 --profile 3 \
-        --variants baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc,mhc_ref,mhc_ref_einsum --json "$R/bench_train_d12.json" \
+        --variants baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc,mhc_ref --json "$R/bench_train_d12.json" \
         > "$R/bench_train_d12.log" 2>&1
     tail -n 40 "$R/bench_train_d12.log"
 fi
 if has train_d20; then
     say "train_d20"
     timeout 380 "$PYTHON" scripts/bench_train.py --depth 20 --batch_size 4 --jobs 2 --deadline_s 360 \
-        --variants baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc,mhc_ref --json "$R/bench_train_d20.json" \
+        --variants baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc --json "$R/bench_train_d20.json" \
         > "$R/bench_train_d20.log" 2>&1
     tail -n 10 "$R/bench_train_d20.log"
 fi

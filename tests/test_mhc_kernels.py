@@ -29,7 +29,7 @@ pytest.importorskip("triton")
 
 from nanochat.kernels import (fused_mhc_forward, mhc_coefficients, mhc_collapse,  # noqa: E402
                               mhc_fused_available, mhc_residual, reference_mhc_forward)
-from nanochat.kernels import mhc_ops, mhc_triton  # noqa: E402
+from nanochat.kernels import mhc_boundary_triton, mhc_ops, mhc_triton  # noqa: E402
 from nanochat.mhc import DynamicMHC  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,8 +53,17 @@ def small_tiles_and_poison(monkeypatch):
     for name, cfg in mhc_triton.KERNEL_CONFIGS.items():
         small = {k: v for k, v in SMALL_TILES.items() if k in cfg}
         monkeypatch.setitem(mhc_triton.KERNEL_CONFIGS, name, {**cfg, **small})
+    # the shapes here are decode-sized: without this every boundary forward would take the decode
+    # split; tests that want it set SMALL_N back (decode_forward)
+    monkeypatch.setattr(mhc_boundary_triton, "SMALL_N", 0)
     with mhc_triton.poisoned_outputs():
         yield
+
+
+@pytest.fixture
+def decode_forward(monkeypatch):
+    """The boundary forward as decode steps run it (split over channel blocks) at any size here."""
+    monkeypatch.setattr(mhc_boundary_triton, "SMALL_N", 1 << 30)
 
 
 @pytest.fixture
@@ -312,7 +321,8 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     import json
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 26  # 8 kernels x (bf16, fp32) - 2, + 4 boundary kernels x 3 dtype settings
+    # 8 kernels x (bf16, fp32) - 2, + 4 boundary kernels x 3 dtype settings + the decode mix (fp32 only)
+    assert len(report) == 27
     spills = {k: v for k, v in report.items() if v["stack_bytes"] > 0}
     assert not spills, f"register spills: {spills}"
 
@@ -474,11 +484,15 @@ def test_fused_stack_in_a_bf16_model(seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_hint", [False, True], ids=["x_kept", "x_from_hint"])
-def test_boundary_op_matches_reference_with_gradients(with_hint, dtype, seed):
+@pytest.mark.parametrize("forward", ["rows", "decode_split"])
+def test_boundary_op_matches_reference_with_gradients(forward, with_hint, dtype, seed, request):
     """mhc_boundary against the reference math: z = H_res x + H_post y, then the next sublayer's
     get_matrices(z) and collapse(z); outputs and the gradients of x (or of the hint it is
-    recomputed from), the matrices, y, every parameter of the next module and the gate."""
+    recomputed from), the matrices, y, every parameter of the next module and the gate. Forward:
+    the training kernel (whole token rows) or the decode split (channel blocks, then the mix)."""
     from nanochat.kernels import mhc_boundary
+    if forward == "decode_split":
+        request.getfixturevalue("decode_forward")
     from nanochat.mhc import collapse_streams, residual_streams
     n, C, B, T = 4, 40, 2, 11
     N = B * T
@@ -608,7 +622,7 @@ def test_opcheck_boundary_op(seed):
     torch.library.opcheck(op, (x, h_res, h_post, y, *params, *hint, 3, 1.0, True))
 
 
-def test_static_decode_with_fused_kernels_matches_reference(seed):
+def test_static_decode_with_fused_kernels_matches_reference(seed, decode_forward):
     """The engine's fixed-shape decode step (what cuda_graph mode captures) runs the fused stack
     at one token per row, and decodes the same tokens as the reference model."""
     from nanochat.engine import Engine

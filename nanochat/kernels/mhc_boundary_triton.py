@@ -12,6 +12,12 @@ Forward, per block of tokens: pass 1 over the channels writes z and accumulates 
 and z @ W'^T (one read of x and y, one write of z); the mix (Sinkhorn etc.) runs in registers;
 pass 2 re-reads the block's own z (just written, often still in L2) for u'.
 
+Decode steps (at most SMALL_N tokens) would give that kernel a program or four, each walking
+all the channels in turn, so there the same forward runs as three wider launches instead: the
+update and each channel block's share of the sum of squares and of z @ W'^T (a program per token
+block x channel block), the shares summed and the mix (a program per token block), then the
+collapse (mhc_triton's kernel).
+
 Backward never loads z: it recomputes it from x, y and the matrices on the fly, so z need not be
 kept for backward. Nor x, when it is given as a hint: x = H_res_h x_h + H_post_h y_h from the
 sublayer before (FROM_HINT), so the model keeps only the streams at block inputs (docs/kernels.md).
@@ -25,9 +31,10 @@ import triton
 import triton.language as tl
 
 from nanochat.kernels.mhc_triton import (_INTERPRETED, KERNEL_CONFIGS, _block_m, _dot,
-                                         _dot_precision, _mix_tokens, _new, _padded_streams)
+                                         _dot_precision, _mix_tokens, _new, _padded_streams,
+                                         collapse)
 
-SMALL_N = 512  # tokens; up to here (decode steps) the forward uses KERNEL_CONFIGS["boundary_small"]
+SMALL_N = 512  # tokens; up to here (decode steps) the forward runs split (KERNEL_CONFIGS["boundary_small"])
 
 
 @triton.jit
@@ -112,6 +119,70 @@ def _boundary_fwd_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, alpha_ptr, 
         u = tl.sum(h3 * z, axis=1)
         tl.store(u_ptr + t64[:, None] * C + c_in[None, :], u.to(u_ptr.dtype.element_ty),
                  mask=mask_t[:, None] & (c_in < C)[None, :])
+
+
+# ----------------------------------------------------------------------------- forward, decode
+@triton.jit
+def _boundary_fwd_split_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr, dot_part_ptr,
+                               sumsq_part_ptr, N, n: tl.constexpr, C: tl.constexpr,
+                               M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                               NP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               DOT_UPCAST: tl.constexpr):
+    """One (token block, channel block) tile: z = H_res x + H_post y (stored), and this channel
+    block's share of sum(z^2) and of z @ W'^T, as [channel blocks, N] and [channel blocks, N, BLOCK_M]."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cb = tl.program_id(1)
+    mask_t = offs_t < N
+    t64 = offs_t.to(tl.int64)
+    t3 = t64[:, None, None]
+    mask_t3 = mask_t[:, None, None]
+    i3 = tl.arange(0, NP)[None, :, None]
+    m3 = tl.arange(0, BLOCK_M)[:, None, None]
+    c3 = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
+    z = _update_streams(_load_streams(x_ptr, t3, i3, c3, mask_t3, n, C), h_res_ptr, h_post_ptr,
+                        y_ptr, t3, i3, c3, mask_t3, n, C)
+    z = z.to(z_ptr.dtype.element_ty)  # the stored value, as in _boundary_fwd_kernel
+    tl.store(z_ptr + t3 * (n * C) + i3 * C + c3, z, mask=mask_t3 & (i3 < n) & (c3 < C))
+    zf = z.to(tl.float32)
+    w = tl.load(w_ptr + m3 * (n * C) + i3 * C + c3, mask=(m3 < M) & (i3 < n) & (c3 < C),
+                other=0.0).to(z.dtype)
+    acc = _dot(tl.reshape(z, [BLOCK_T, NP * BLOCK_C]),
+               tl.trans(tl.reshape(w, [BLOCK_M, NP * BLOCK_C])),
+               tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+    part = cb.to(tl.int64) * N + t64
+    tl.store(sumsq_part_ptr + part, tl.sum(tl.sum(zf * zf, axis=2), axis=1), mask=mask_t)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(dot_part_ptr + part[:, None] * BLOCK_M + offs_m[None, :], acc, mask=mask_t[:, None])
+
+
+@triton.jit
+def _boundary_mix_split_kernel(dot_part_ptr, sumsq_part_ptr, alpha_ptr, res_base_ptr, pre_base_ptr,
+                               post_base_ptr, gate_ptr, coeffs_ptr, rstd_ptr, h_res_next_ptr,
+                               h_pre_next_ptr, h_post_next_ptr, N, tokens_per_gate, eps, tau,
+                               n: tl.constexpr, C: tl.constexpr, M: tl.constexpr,
+                               num_iters: tl.constexpr, CBLOCKS: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr):
+    """The channel blocks' shares summed (in a fixed order: deterministic) into coeffs and rstd,
+    then sublayer s+1's mix, as in _boundary_fwd_kernel."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < N
+    t64 = offs_t.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for cb in range(CBLOCKS):
+        part = cb * N + t64
+        acc += tl.load(dot_part_ptr + part[:, None] * BLOCK_M + offs_m[None, :],
+                       mask=mask_t[:, None], other=0.0)
+        sumsq += tl.load(sumsq_part_ptr + part, mask=mask_t, other=0.0)
+    rstd = 1.0 / tl.sqrt(sumsq / (n * C) + eps)
+    tl.store(coeffs_ptr + t64[:, None] * M + offs_m[None, :], acc * rstd[:, None],
+             mask=mask_t[:, None] & (offs_m[None, :] < M))
+    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
+    tl.debug_barrier()  # the mix reads the coefficients back, possibly in other threads
+    _mix_tokens(coeffs_ptr, alpha_ptr, res_base_ptr, pre_base_ptr, post_base_ptr, gate_ptr,
+                h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr, offs_t, tokens_per_gate, tau, N,
+                n, M, num_iters, NP)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -224,15 +295,20 @@ def boundary_forward(x, h_res, h_post, y, weight, alpha, res_base, pre_base, pos
     coeffs [N, M], rstd [N]) for the update (x, h_res, h_post, y) and the next sublayer's weights."""
     N, n, C = x.shape
     M = weight.shape[0]
-    cfg = KERNEL_CONFIGS["boundary_small" if N <= SMALL_N else "boundary"]
     dev = x.device
     z = _new(x.shape, x.dtype, dev)
-    u = _new((N, C), x.dtype, dev)
     coeffs = _new((N, M), torch.float32, dev)
     rstd = _new((N,), torch.float32, dev)
     h_res_next = _new((N, n, n), torch.float32, dev)
     h_pre_next = _new((N, n), torch.float32, dev)
     h_post_next = _new((N, n), torch.float32, dev)
+    if N <= SMALL_N:
+        u = _boundary_forward_split(x, h_res, h_post, y, weight, alpha, res_base, pre_base,
+                                    post_base, gate, num_iters, tau, eps, fast, z, coeffs, rstd,
+                                    h_res_next, h_pre_next, h_post_next)
+        return z, u, h_res_next, h_pre_next, h_post_next, coeffs, rstd
+    cfg = KERNEL_CONFIGS["boundary"]
+    u = _new((N, C), x.dtype, dev)
     _boundary_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_T"]),)](
         x, h_res, h_post, y, weight, alpha, res_base, pre_base, post_base, gate, z, u, coeffs,
         rstd, h_res_next, h_pre_next, h_post_next, N, N // gate.numel(), eps, tau, n=n, C=C, M=M,
@@ -240,6 +316,33 @@ def boundary_forward(x, h_res, h_post, y, weight, alpha, res_base, pre_base, pos
         NP=_padded_streams(n), DOT_PRECISION=_dot_precision(x.dtype, fast),
         DOT_UPCAST=_INTERPRETED, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return z, u, h_res_next, h_pre_next, h_post_next, coeffs, rstd
+
+
+def _boundary_forward_split(x, h_res, h_post, y, weight, alpha, res_base, pre_base, post_base,
+                            gate, num_iters, tau, eps, fast, z, coeffs, rstd, h_res_next,
+                            h_pre_next, h_post_next):
+    """boundary_forward for a few tokens (decode): the update and the channel blocks' shares of
+    the projection, then their sum and the mix, then the collapse; writes z, coeffs, rstd and the
+    H's in place and returns u."""
+    N, n, C = x.shape
+    M = weight.shape[0]
+    cfg = KERNEL_CONFIGS["boundary_small"]
+    BLOCK_M = _block_m(M)
+    cblocks = triton.cdiv(C, cfg["BLOCK_C"])
+    token_blocks = triton.cdiv(N, cfg["BLOCK_T"])
+    dot_part = _new((cblocks, N, BLOCK_M), torch.float32, x.device)
+    sumsq_part = _new((cblocks, N), torch.float32, x.device)
+    _boundary_fwd_split_kernel[(token_blocks, cblocks)](
+        x, h_res, h_post, y, weight, z, dot_part, sumsq_part, N, n=n, C=C, M=M,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], BLOCK_M=BLOCK_M, NP=_padded_streams(n),
+        DOT_PRECISION=_dot_precision(x.dtype, fast), DOT_UPCAST=_INTERPRETED,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _boundary_mix_split_kernel[(token_blocks,)](
+        dot_part, sumsq_part, alpha, res_base, pre_base, post_base, gate, coeffs, rstd,
+        h_res_next, h_pre_next, h_post_next, N, N // gate.numel(), eps, tau, n=n, C=C, M=M,
+        num_iters=num_iters, CBLOCKS=cblocks, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=BLOCK_M,
+        NP=_padded_streams(n), num_warps=cfg["num_warps"])
+    return collapse(z, h_pre_next)
 
 
 def boundary_h_pre_grad(x, hint, h_res, h_post, y, du, d_h_pre=None):

@@ -41,8 +41,9 @@ KERNEL_CONFIGS = {
     # The forward takes the runner-up (0.335 ms; the best, BLOCK_T 64 at 0.310 ms, spills registers
     # when the branch output is fp32 too, i.e. without autocast: test_kernels_compile_for_hopper)
     "boundary": dict(BLOCK_T=16, BLOCK_C=32, num_warps=4, num_stages=2),
-    # decode (<= SMALL_N tokens): few programs whatever the tiles, so fewer, wider channel steps (not tuned)
-    "boundary_small": dict(BLOCK_T=16, BLOCK_C=128, num_warps=8, num_stages=2),
+    # decode (<= SMALL_N tokens): the forward split over channel blocks, one block per program
+    # (not tuned; 12 programs a token block at C 768)
+    "boundary_small": dict(BLOCK_T=16, BLOCK_C=64, num_warps=4, num_stages=1),
     "boundary_bwd_rows": dict(BLOCK_T=16, BLOCK_C=128, num_warps=8),
     "boundary_bwd_cols": dict(BLOCK_T=16, BLOCK_C=32, BLOCKS_PER_SPLIT=16, num_warps=4, num_stages=2),
 }
@@ -631,8 +632,12 @@ def compile_report(arch: int = 90, n: int = 4, C: int = 768, num_iters: int = 20
             kernels = {}
         kernels["boundary"] = (bt._boundary_fwd_kernel, cfg["boundary"],
                                dict(boundary, num_iters=num_iters))
-        kernels["boundary_small"] = (bt._boundary_fwd_kernel, cfg["boundary_small"],
-                                     dict(boundary, num_iters=num_iters))
+        kernels["boundary_small"] = (bt._boundary_fwd_split_kernel, cfg["boundary_small"], boundary)
+        if dtype == "bf16":  # fp32 in and out
+            kernels["boundary_small_mix"] = (bt._boundary_mix_split_kernel, cfg["boundary_small"],
+                                             dict(n=n, C=C, M=M, num_iters=num_iters, NP=NP,
+                                                  BLOCK_M=_block_m(M),
+                                                  CBLOCKS=triton.cdiv(C, cfg["boundary_small"]["BLOCK_C"])))
         kernels["boundary_bwd_rows"] = (bt._boundary_bwd_rows_kernel, cfg["boundary_bwd_rows"],
                                         dict(n=n, C=C, NP=NP, FROM_HINT=True, HAS_D_H_PRE=False))
         kernels["boundary_bwd_cols"] = (bt._boundary_bwd_cols_kernel, cfg["boundary_bwd_cols"],
