@@ -61,8 +61,10 @@ copy_out() {
 }
 
 if [ "$ACTION" = poll ]; then
-    for _ in $(seq "$WAIT_S"); do
+    for i in $(seq "$WAIT_S"); do
         [ -f "$JOB/done" ] && break
+        # every 30 s: a call cut off at its limit still brings back the phases finished so far
+        if [ $((i % 30)) -eq 0 ]; then copy_out; fi
         sleep 1
     done
     cat "$JOB/job.log"
