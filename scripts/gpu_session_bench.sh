@@ -20,6 +20,7 @@
 #   minigpt      the MiniGPT check of docs/benchmarks.md: both seed-002 presets and modern + mHC
 #
 #   bash scripts/gpu_session_bench.sh start [--phases tune,train_d12,decode] [--data_dir .carry/exp]
+#        [--d12_variants baseline,mhc_fused] [--d20_variants ...]   (bench_train rows of those phases)
 #   bash scripts/gpu_session_bench.sh poll 560      # waits up to 560 s; copies results to $OUT
 #   bash scripts/gpu_session_bench.sh run ...       # the same job in the foreground
 #
@@ -35,6 +36,8 @@ JOB="${GPU_JOB_DIR:-/tmp/nanochat_gpu_job}"
 ACTION="${1:-}"; shift || true
 PHASES="train_d12,train_d20,decode,loss_curve_bf16"  # also: tune, loss_curve (both done 2026-12-06), kill_resume, minigpt
 DATA_DIR=.carry/exp
+D12_VARIANTS=baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc
+D20_VARIANTS=baseline,mhc_fused,mhc_fused_bf16
 CHAR_DATA_DIR=.carry/data
 WAIT_S=560
 
@@ -45,11 +48,13 @@ case "$ACTION" in
                 --phases) PHASES="$2"; shift 2 ;;
                 --data_dir) DATA_DIR="$2"; shift 2 ;;
                 --char_data_dir) CHAR_DATA_DIR="$2"; shift 2 ;;
+                --d12_variants) D12_VARIANTS="$2"; shift 2 ;;
+                --d20_variants) D20_VARIANTS="$2"; shift 2 ;;
                 *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
             esac
         done ;;
     poll) WAIT_S="${1:-560}" ;;
-    *) sed -n '2,24p' "$0"; exit 2 ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
 esac
 
 copy_out() {
@@ -79,6 +84,7 @@ done
 if [ "$ACTION" = start ]; then
     rm -rf "$JOB"; mkdir -p "$JOB/results"
     setsid nohup bash "$0" run --phases "$PHASES" --data_dir "$DATA_DIR" --char_data_dir "$CHAR_DATA_DIR" \
+        --d12_variants "$D12_VARIANTS" --d20_variants "$D20_VARIANTS" \
         > "$JOB/job.log" 2>&1 < /dev/null &
     echo "started $PHASES in $JOB (pid $!)"
     exit 0
@@ -107,14 +113,14 @@ fi
 if has train_d12; then
     say "train_d12"
     timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 --profile 3 \
-        --variants baseline,mhc_fused,mhc_fused_bf16,hf_gpt2,hc_mhc --json "$R/bench_train_d12.json" \
+        --variants "$D12_VARIANTS" --json "$R/bench_train_d12.json" \
         > "$R/bench_train_d12.log" 2>&1
     tail -n 40 "$R/bench_train_d12.log"
 fi
 if has train_d20; then
     say "train_d20"
     timeout 380 "$PYTHON" scripts/bench_train.py --depth 20 --batch_size 4 --jobs 2 --deadline_s 360 \
-        --variants baseline,mhc_fused,mhc_fused_bf16 --json "$R/bench_train_d20.json" \
+        --variants "$D20_VARIANTS" --json "$R/bench_train_d20.json" \
         > "$R/bench_train_d20.log" 2>&1
     tail -n 10 "$R/bench_train_d20.log"
 fi
