@@ -71,6 +71,45 @@ def _input_streams(x_ptr, hint_x_ptr, hint_h_res_ptr, hint_h_post_ptr, hint_y_pt
     return x
 
 
+@triton.jit
+def _update_and_project(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr, t3, i3, c3, m3, mask_t3,
+                        sumsq, acc, n: tl.constexpr, C: tl.constexpr, M: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                        NP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One channel block of z = H_res x + H_post y, stored; returns sumsq + its sum of squares
+    per token and acc + its share of z @ W'^T. W' tiles are [BLOCK_M, NP, BLOCK_C]."""
+    z = _update_streams(_load_streams(x_ptr, t3, i3, c3, mask_t3, n, C), h_res_ptr, h_post_ptr,
+                        y_ptr, t3, i3, c3, mask_t3, n, C)
+    z = z.to(z_ptr.dtype.element_ty)  # the stored value: the next sublayer's coefficients see it
+    tl.store(z_ptr + t3 * (n * C) + i3 * C + c3, z, mask=mask_t3 & (i3 < n) & (c3 < C))
+    zf = z.to(tl.float32)
+    sumsq += tl.sum(tl.sum(zf * zf, axis=2), axis=1)
+    w = tl.load(w_ptr + m3 * (n * C) + i3 * C + c3, mask=(m3 < M) & (i3 < n) & (c3 < C),
+                other=0.0).to(z.dtype)
+    acc = _dot(tl.reshape(z, [BLOCK_T, NP * BLOCK_C]),
+               tl.trans(tl.reshape(w, [BLOCK_M, NP * BLOCK_C])), acc, DOT_PRECISION, DOT_UPCAST)
+    return sumsq, acc
+
+
+@triton.jit
+def _coeffs_and_mix(acc, sumsq, coeffs_ptr, rstd_ptr, alpha_ptr, res_base_ptr, pre_base_ptr,
+                    post_base_ptr, gate_ptr, h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr,
+                    offs_t, N, tokens_per_gate, eps, tau, n: tl.constexpr, C: tl.constexpr,
+                    M: tl.constexpr, num_iters: tl.constexpr, BLOCK_M: tl.constexpr,
+                    NP: tl.constexpr):
+    """coeffs = (z @ W'^T) * rstd and rstd stored, then sublayer s+1's mix; returns its H_pre."""
+    mask_t = offs_t < N
+    rstd = 1.0 / tl.sqrt(sumsq / (n * C) + eps)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(coeffs_ptr + offs_t.to(tl.int64)[:, None] * M + offs_m[None, :], acc * rstd[:, None],
+             mask=mask_t[:, None] & (offs_m[None, :] < M))
+    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
+    tl.debug_barrier()  # the mix reads the coefficients back, possibly in other threads
+    return _mix_tokens(coeffs_ptr, alpha_ptr, res_base_ptr, pre_base_ptr, post_base_ptr, gate_ptr,
+                       h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr, offs_t, tokens_per_gate,
+                       tau, N, n, M, num_iters, NP)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _boundary_fwd_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, alpha_ptr, res_base_ptr,
@@ -91,26 +130,13 @@ def _boundary_fwd_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, alpha_ptr, 
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c3 = c0 + tl.arange(0, BLOCK_C)[None, None, :]
-        z = _update_streams(_load_streams(x_ptr, t3, i3, c3, mask_t3, n, C), h_res_ptr,
-                            h_post_ptr, y_ptr, t3, i3, c3, mask_t3, n, C)
-        z = z.to(z_ptr.dtype.element_ty)  # the stored value: the next sublayer's coefficients see it
-        tl.store(z_ptr + t3 * (n * C) + i3 * C + c3, z, mask=mask_t3 & (i3 < n) & (c3 < C))
-        zf = z.to(tl.float32)
-        sumsq += tl.sum(tl.sum(zf * zf, axis=2), axis=1)
-        w = tl.load(w_ptr + m3 * (n * C) + i3 * C + c3, mask=(m3 < M) & (i3 < n) & (c3 < C),
-                    other=0.0).to(z.dtype)
-        acc = _dot(tl.reshape(z, [BLOCK_T, NP * BLOCK_C]),
-                   tl.trans(tl.reshape(w, [BLOCK_M, NP * BLOCK_C])), acc, DOT_PRECISION,
-                   DOT_UPCAST)
-    rstd = 1.0 / tl.sqrt(sumsq / (n * C) + eps)
-    offs_m = tl.arange(0, BLOCK_M)
-    tl.store(coeffs_ptr + t64[:, None] * M + offs_m[None, :], acc * rstd[:, None],
-             mask=mask_t[:, None] & (offs_m[None, :] < M))
-    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
-    tl.debug_barrier()  # the mix reads the coefficients back, possibly in other threads
-    h_pre = _mix_tokens(coeffs_ptr, alpha_ptr, res_base_ptr, pre_base_ptr, post_base_ptr,
-                        gate_ptr, h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr, offs_t,
-                        tokens_per_gate, tau, N, n, M, num_iters, NP)
+        sumsq, acc = _update_and_project(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr, t3,
+                                         i3, c3, m3, mask_t3, sumsq, acc, n, C, M, BLOCK_T,
+                                         BLOCK_C, BLOCK_M, NP, DOT_PRECISION, DOT_UPCAST)
+    h_pre = _coeffs_and_mix(acc, sumsq, coeffs_ptr, rstd_ptr, alpha_ptr, res_base_ptr,
+                            pre_base_ptr, post_base_ptr, gate_ptr, h_res_next_ptr, h_pre_next_ptr,
+                            h_post_next_ptr, offs_t, N, tokens_per_gate, eps, tau, n, C, M,
+                            num_iters, BLOCK_M, NP)
     tl.debug_barrier()  # z of this block was written by other threads of the block
     h3 = tl.expand_dims(h_pre, 2)
     for c0 in range(0, C, BLOCK_C):
@@ -125,9 +151,9 @@ def _boundary_fwd_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, alpha_ptr, 
 @triton.jit
 def _boundary_fwd_split_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr, dot_part_ptr,
                                sumsq_part_ptr, N, n: tl.constexpr, C: tl.constexpr,
-                               M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-                               NP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                               DOT_UPCAST: tl.constexpr):
+                               M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_M: tl.constexpr, NP: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """One (token block, channel block) tile: z = H_res x + H_post y (stored), and this channel
     block's share of sum(z^2) and of z @ W'^T, as [channel blocks, N] and [channel blocks, N, BLOCK_M]."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -139,18 +165,12 @@ def _boundary_fwd_split_kernel(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr
     i3 = tl.arange(0, NP)[None, :, None]
     m3 = tl.arange(0, BLOCK_M)[:, None, None]
     c3 = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
-    z = _update_streams(_load_streams(x_ptr, t3, i3, c3, mask_t3, n, C), h_res_ptr, h_post_ptr,
-                        y_ptr, t3, i3, c3, mask_t3, n, C)
-    z = z.to(z_ptr.dtype.element_ty)  # the stored value, as in _boundary_fwd_kernel
-    tl.store(z_ptr + t3 * (n * C) + i3 * C + c3, z, mask=mask_t3 & (i3 < n) & (c3 < C))
-    zf = z.to(tl.float32)
-    w = tl.load(w_ptr + m3 * (n * C) + i3 * C + c3, mask=(m3 < M) & (i3 < n) & (c3 < C),
-                other=0.0).to(z.dtype)
-    acc = _dot(tl.reshape(z, [BLOCK_T, NP * BLOCK_C]),
-               tl.trans(tl.reshape(w, [BLOCK_M, NP * BLOCK_C])),
-               tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+    sumsq, acc = _update_and_project(x_ptr, h_res_ptr, h_post_ptr, y_ptr, w_ptr, z_ptr, t3, i3, c3,
+                                     m3, mask_t3, tl.zeros([BLOCK_T], dtype=tl.float32),
+                                     tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), n, C, M,
+                                     BLOCK_T, BLOCK_C, BLOCK_M, NP, DOT_PRECISION, DOT_UPCAST)
     part = cb.to(tl.int64) * N + t64
-    tl.store(sumsq_part_ptr + part, tl.sum(tl.sum(zf * zf, axis=2), axis=1), mask=mask_t)
+    tl.store(sumsq_part_ptr + part, sumsq, mask=mask_t)
     offs_m = tl.arange(0, BLOCK_M)
     tl.store(dot_part_ptr + part[:, None] * BLOCK_M + offs_m[None, :], acc, mask=mask_t[:, None])
 
@@ -175,14 +195,9 @@ def _boundary_mix_split_kernel(dot_part_ptr, sumsq_part_ptr, alpha_ptr, res_base
         acc += tl.load(dot_part_ptr + part[:, None] * BLOCK_M + offs_m[None, :],
                        mask=mask_t[:, None], other=0.0)
         sumsq += tl.load(sumsq_part_ptr + part, mask=mask_t, other=0.0)
-    rstd = 1.0 / tl.sqrt(sumsq / (n * C) + eps)
-    tl.store(coeffs_ptr + t64[:, None] * M + offs_m[None, :], acc * rstd[:, None],
-             mask=mask_t[:, None] & (offs_m[None, :] < M))
-    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
-    tl.debug_barrier()  # the mix reads the coefficients back, possibly in other threads
-    _mix_tokens(coeffs_ptr, alpha_ptr, res_base_ptr, pre_base_ptr, post_base_ptr, gate_ptr,
-                h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr, offs_t, tokens_per_gate, tau, N,
-                n, M, num_iters, NP)
+    _coeffs_and_mix(acc, sumsq, coeffs_ptr, rstd_ptr, alpha_ptr, res_base_ptr, pre_base_ptr,
+                    post_base_ptr, gate_ptr, h_res_next_ptr, h_pre_next_ptr, h_post_next_ptr,
+                    offs_t, N, tokens_per_gate, eps, tau, n, C, M, num_iters, BLOCK_M, NP)
 
 
 # ----------------------------------------------------------------------------- backward
