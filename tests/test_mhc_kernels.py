@@ -9,7 +9,7 @@ run; the seed is in every failure message.
 The second half checks the whole fused stack (nanochat/kernels/mhc_stack.py: sublayer boundaries
 fused, mid-block streams recomputed in backward) in a tiny GPT against the reference model.
 
-    pytest -q tests/test_mhc_kernels.py      # about 2.5 min on 2 CPU cores (interpreter), all 26
+    pytest -q tests/test_mhc_kernels.py      # about 1.5 min on 2 CPU cores (interpreter)
     pytest -q -m "not slow" tests/test_mhc_kernels.py   # without the sm_90 compile check
 """
 
