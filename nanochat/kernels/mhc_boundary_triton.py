@@ -180,17 +180,17 @@ def _boundary_mix_split_kernel(dot_part_ptr, sumsq_part_ptr, alpha_ptr, res_base
                                post_base_ptr, gate_ptr, coeffs_ptr, rstd_ptr, h_res_next_ptr,
                                h_pre_next_ptr, h_post_next_ptr, N, tokens_per_gate, eps, tau,
                                n: tl.constexpr, C: tl.constexpr, M: tl.constexpr,
-                               num_iters: tl.constexpr, CBLOCKS: tl.constexpr,
-                               BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr):
-    """The channel blocks' shares summed (in a fixed order: deterministic) into coeffs and rstd,
-    then sublayer s+1's mix, as in _boundary_fwd_kernel."""
+                               num_iters: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr):
+    """The shares of _boundary_fwd_split_kernel's channel blocks (BLOCK_C wide) summed in a fixed
+    order (deterministic) into coeffs and rstd, then sublayer s+1's mix, as in _boundary_fwd_kernel."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < N
     t64 = offs_t.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for cb in range(CBLOCKS):
+    for cb in range((C + BLOCK_C - 1) // BLOCK_C):
         part = cb * N + t64
         acc += tl.load(dot_part_ptr + part[:, None] * BLOCK_M + offs_m[None, :],
                        mask=mask_t[:, None], other=0.0)
@@ -355,7 +355,7 @@ def _boundary_forward_split(x, h_res, h_post, y, weight, alpha, res_base, pre_ba
     _boundary_mix_split_kernel[(token_blocks,)](
         dot_part, sumsq_part, alpha, res_base, pre_base, post_base, gate, coeffs, rstd,
         h_res_next, h_pre_next, h_post_next, N, N // gate.numel(), eps, tau, n=n, C=C, M=M,
-        num_iters=num_iters, CBLOCKS=cblocks, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=BLOCK_M,
+        num_iters=num_iters, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], BLOCK_M=BLOCK_M,
         NP=_padded_streams(n), num_warps=cfg["num_warps"])
     return collapse(z, h_pre_next)
 

@@ -636,8 +636,7 @@ def compile_report(arch: int = 90, n: int = 4, C: int = 768, num_iters: int = 20
         if dtype == "bf16":  # fp32 in and out
             kernels["boundary_small_mix"] = (bt._boundary_mix_split_kernel, cfg["boundary_small"],
                                              dict(n=n, C=C, M=M, num_iters=num_iters, NP=NP,
-                                                  BLOCK_M=_block_m(M),
-                                                  CBLOCKS=triton.cdiv(C, cfg["boundary_small"]["BLOCK_C"])))
+                                                  BLOCK_M=_block_m(M)))
         kernels["boundary_bwd_rows"] = (bt._boundary_bwd_rows_kernel, cfg["boundary_bwd_rows"],
                                         dict(n=n, C=C, NP=NP, FROM_HINT=True, HAS_D_H_PRE=False))
         kernels["boundary_bwd_cols"] = (bt._boundary_bwd_cols_kernel, cfg["boundary_bwd_cols"],
