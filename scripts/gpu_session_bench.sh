@@ -5,13 +5,13 @@
 #
 #   tune         scripts/tune_mhc_kernels.py at d12 shapes; the fastest correct tiles then apply to
 #                every later phase (NANOCHAT_KERNEL_CONFIGS=results/tiles_d12.json)
+#   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64,
+#                CUDA graphs with and without torch.compile
 #   train_d12    scripts/bench_train.py at d12, 8 x 2048 tokens a micro-batch: baseline, mHC fused
 #                (fp32 and bf16 streams), HF GPT-2, hyper-connections, with a profile (the mHC
 #                reference row, 8x the baseline, is left to `--variants` calls: 2 minutes a run)
 #   train_d20    the same at d20, 4 x 2048, without the peers (two variants compile at once:
 #                both must fit one H100)
-#   decode       scripts/infer_bench.py at d12: baseline and mHC on the fused kernels, batch 1 and 64,
-#                CUDA graphs with and without torch.compile
 #   (then, at once, none of them timed against another)
 #   loss_curve   scripts/loss_curve_check.py: d4 mHC, 300 steps, reference vs fused vs another seed (at once)
 #   loss_curve_bf16  the same with the fused run's streams in bf16 (--mhc_stream_dtype bfloat16) against the
@@ -110,6 +110,12 @@ if has tune; then
     grep -E "^best|configurations" "$R/tune_d12.log"
     if [ -s "$R/tiles_d12.json" ]; then export NANOCHAT_KERNEL_CONFIGS="$R/tiles_d12.json"; fi
 fi
+if has decode; then
+    say "decode"
+    timeout 240 "$PYTHON" scripts/infer_bench.py --depth 12 --models baseline,mhc_fused --modes cuda_graph,compiled \
+        --mhc_modes cuda_graph,compiled --batch_sizes 1,64 --out "$R/infer_bench_d12.json" > "$R/infer_bench_d12.log" 2>&1
+    tail -n 12 "$R/infer_bench_d12.log"
+fi
 if has train_d12; then
     say "train_d12"
     timeout 380 "$PYTHON" scripts/bench_train.py --depth 12 --batch_size 8 --jobs 2 --deadline_s 360 --profile 3 \
@@ -123,12 +129,6 @@ if has train_d20; then
         --variants "$D20_VARIANTS" --json "$R/bench_train_d20.json" \
         > "$R/bench_train_d20.log" 2>&1
     tail -n 10 "$R/bench_train_d20.log"
-fi
-if has decode; then
-    say "decode"
-    timeout 240 "$PYTHON" scripts/infer_bench.py --depth 12 --models baseline,mhc_fused --modes cuda_graph,compiled \
-        --mhc_modes cuda_graph,compiled --batch_sizes 1,64 --out "$R/infer_bench_d12.json" > "$R/infer_bench_d12.log" 2>&1
-    tail -n 12 "$R/infer_bench_d12.log"
 fi
 
 pids=()
