@@ -15,7 +15,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import read_metrics
 from nanochat.tokenizer import get_tokenizer
 
-from base_train_helpers import BASE_TRAIN, load_base_train, one_thread, tiny_flags, token_cache  # noqa: F401
+from base_train_helpers import (BASE_TRAIN, TINY_SETTINGS, load_base_train, one_thread, tiny_flags,  # noqa: F401
+                               token_cache)
 
 SCRIPT = BASE_TRAIN
 TINY = tiny_flags()
@@ -227,14 +228,15 @@ def test_bad_input_fails_before_any_work_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_torchrun_ranks_match_single_process(tmp_path, token_cache, world_size):
     """world_size gloo ranks (8: the design's headline launch, `torchrun --nproc_per_node=8 ... --mhc_enabled`,
-    on CPU) vs 1 process accumulating world_size micro-steps of the same size (global batch 64 tokens a rank).
+    on CPU) vs 1 process accumulating world_size micro-steps of the same size (one micro-batch a rank).
     Ranks read different documents than the single process, so the curves agree statistically."""
+    tokens_per_rank = TINY_SETTINGS["device_batch_size"] * TINY_SETTINGS["max_seq_len"]
     common = [*TINY, "--num_iterations", "12", "--eval_every", "6", "--save_every", "0", "--mhc_enabled",
-              "--total_batch_size", str(64 * world_size)]
+              "--total_batch_size", str(tokens_per_rank * world_size)]
     env = {**os.environ, "NANOCHAT_CACHE_DIR": str(token_cache), "OMP_NUM_THREADS": "1"}
     single = base_train.main(common + ["--out_dir", str(tmp_path / "single")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}", str(SCRIPT),
-           *common, "--out_dir", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+           str(SCRIPT), *common, "--out_dir", str(tmp_path / "ddp")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ddp = read_metrics(tmp_path / "ddp")[-1]
